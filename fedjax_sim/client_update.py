@@ -1,0 +1,167 @@
+"""Local training of ONE client; the cohort engine vmaps it once.
+
+A client receives the global params, its padded examples with a mask, and its own PRNG
+key (derived from the round key and its client id, never shared). It runs
+``local_epochs`` passes of mini-batch training with a local optax optimiser, reshuffling
+its *real* examples at every epoch, and returns the model delta, an aggregation weight and
+metrics.
+
+Fixed shapes, ragged clients: every client runs ``local_epochs * ceil(N / batch_size)``
+scan steps, where N is the padded size. A client with ``n`` real examples does useful work
+in its first ``ceil(n / batch_size)`` steps of each epoch; later steps see an all-masked
+batch and leave params and optimiser state unchanged (a select, not a zero gradient, so
+momentum and Adam statistics are untouched). Padded examples get zero weight in every
+loss, so they contribute exactly zero. The last real batch of an epoch may be partial;
+its loss is the mean over its real examples, as in a Python loop over ``n`` examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_sim._validation import check_choice, check_float, check_int, fail
+from fedjax_sim.data.federated import ClientData
+from fedjax_sim.models import Model
+
+PyTree = Any
+
+
+class ClientOutput(NamedTuple):
+    """What one client sends back (and what the simulator logs about it).
+
+    Attributes:
+      delta: params after local training minus the params received.
+      weight: float32 aggregation weight (example count, or 1; 0 for a client with no data).
+      metrics: float32 scalars: ``train_loss``, ``train_accuracy`` (means over all
+        examples seen in local training, before each step), ``num_examples``, ``num_steps``.
+      finite: bool, whether every entry of ``delta`` is finite.
+      client_state: the client's new persistent state (``()`` for stateless algorithms).
+    """
+
+    delta: PyTree
+    weight: jax.Array
+    metrics: dict[str, jax.Array]
+    finite: jax.Array
+    client_state: PyTree = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientConfig:
+    """Static configuration of local training.
+
+    Attributes:
+      optimizer: the local optax optimiser (its state is re-initialised every round).
+      local_epochs: passes over the client's data per round.
+      batch_size: examples per local step; ``None`` means the full padded client (one step
+        per epoch, FedSGD-style).
+      prox_mu: FedProx proximal coefficient mu >= 0; adds ``mu/2 ||w - w_global||^2``.
+      weighting: ``"examples"`` (weight = number of examples) or ``"uniform"``.
+    """
+
+    optimizer: optax.GradientTransformation
+    local_epochs: int = 1
+    batch_size: int | None = None
+    prox_mu: float = 0.0
+    weighting: str = "examples"
+
+    def __post_init__(self):
+        if not isinstance(self.optimizer, optax.GradientTransformation):
+            fail("optimizer", type(self.optimizer).__name__,
+                 "must be an optax.GradientTransformation")
+        check_int("local_epochs", self.local_epochs, min_value=1)
+        if self.batch_size is not None:
+            check_int("batch_size", self.batch_size, min_value=1)
+        check_float("prox_mu", self.prox_mu, min_value=0.0)
+        check_choice("weighting", self.weighting, ("examples", "uniform"))
+
+
+def _tree_finite(tree: PyTree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def epoch_order(key: jax.Array, mask: jax.Array) -> jax.Array:
+    """A random order of the example slots with every real example before any padding."""
+    sort_keys = jnp.where(mask, jax.random.uniform(key, mask.shape), 2.0)
+    return jnp.argsort(sort_keys)
+
+
+ClientUpdateFn = Callable[[PyTree, ClientData, jax.Array, PyTree], ClientOutput]
+
+
+def make_client_update(model: Model, config: ClientConfig, max_examples: int
+                       ) -> ClientUpdateFn:
+    """Returns ``client_update(params, data, key, client_state) -> ClientOutput`` for one client.
+
+    Args:
+      model: the model (its ``per_example_metrics`` defines the loss).
+      config: local training configuration.
+      max_examples: padded number of examples per client (static).
+
+    Returns:
+      A pure function of one client; ``data`` fields have no cohort axis.
+    """
+    check_int("max_examples", max_examples, min_value=1)
+    batch = max_examples if config.batch_size is None else min(config.batch_size,
+                                                               max_examples)
+    steps_per_epoch = math.ceil(max_examples / batch)
+    padded = steps_per_epoch * batch
+    optimizer = config.optimizer
+
+    def batch_loss(params, global_params, x, y, m):
+        per_example = model.per_example_metrics(params, x, y)
+        mf = m.astype(jnp.float32)
+        n = jnp.sum(mf)
+        loss = jnp.sum(per_example["loss"] * mf) / jnp.maximum(n, 1.0)
+        if config.prox_mu > 0:
+            sq = sum(jnp.sum(jnp.square(p - g)) for p, g in
+                     zip(jax.tree.leaves(params), jax.tree.leaves(global_params)))
+            loss = loss + 0.5 * config.prox_mu * sq
+        stats = jnp.stack([jnp.sum(per_example["loss"] * mf),
+                           jnp.sum(per_example["accuracy"] * mf), n])
+        return loss, stats
+
+    grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
+
+    def client_update(params, data: ClientData, key, client_state=()):
+        global_params = params
+        epoch_keys = jax.random.split(key, config.local_epochs)
+        # [epochs, steps, batch] slot indices; slots past max_examples are padding.
+        orders = jax.vmap(lambda k: epoch_order(k, data.mask))(epoch_keys)
+        orders = jnp.pad(orders, ((0, 0), (0, padded - max_examples)))
+        valid = jnp.arange(padded) < max_examples
+        slots = orders.reshape(config.local_epochs * steps_per_epoch, batch)
+        slot_valid = jnp.tile(valid.reshape(steps_per_epoch, batch),
+                              (config.local_epochs, 1))
+
+        def step(carry, inputs):
+            p, opt_state, stats = carry
+            idx, ok = inputs
+            m = data.mask[idx] & ok
+            (_, batch_stats), g = grad_fn(p, global_params, data.x[idx], data.y[idx], m)
+            updates, new_opt_state = optimizer.update(g, opt_state, p)
+            new_p = optax.apply_updates(p, updates)
+            active = batch_stats[2] > 0
+            p = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_p, p)
+            opt_state = jax.tree.map(lambda a, b: jnp.where(active, a, b),
+                                     new_opt_state, opt_state)
+            return (p, opt_state, stats + jnp.concatenate([batch_stats, active[None]])), None
+
+        init = (params, optimizer.init(params), jnp.zeros((4,), jnp.float32))
+        (final, _, stats), _ = jax.lax.scan(step, init, (slots, slot_valid))
+        delta = jax.tree.map(lambda a, b: a - b, final, params)
+        count = jnp.sum(data.mask.astype(jnp.float32))
+        seen = jnp.maximum(stats[2], 1.0)
+        weight = count if config.weighting == "examples" else (count > 0).astype(jnp.float32)
+        metrics = {"train_loss": stats[0] / seen, "train_accuracy": stats[1] / seen,
+                   "num_examples": count, "num_steps": stats[3]}
+        return ClientOutput(delta=delta, weight=weight, metrics=metrics,
+                            finite=_tree_finite(delta), client_state=client_state)
+
+    return client_update

@@ -1,0 +1,137 @@
+"""Models: flax modules behind a pure (init, apply, loss) interface.
+
+The engine never touches a flax module directly: it sees a params pytree and the pure
+functions of :class:`Model`. Any classifier whose ``apply(params, x)`` returns logits fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_sim._validation import check_choice, check_int, fail
+
+PyTree = Any
+
+
+class SoftmaxRegression(nn.Module):
+    """Multinomial logistic regression on flattened inputs."""
+
+    num_classes: int
+    input_ndim: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape(x.shape[:-self.input_ndim] + (-1,)) if self.input_ndim > 1 else x
+        return nn.Dense(self.num_classes)(x)
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU network on flattened inputs."""
+
+    num_classes: int
+    hidden: Sequence[int] = (200, 200)
+    input_ndim: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape(x.shape[:-self.input_ndim] + (-1,)) if self.input_ndim > 1 else x
+        for width in self.hidden:
+            x = nn.relu(nn.Dense(width)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+class CNN(nn.Module):
+    """Small convolutional network for ``[H, W, C]`` images (two conv+pool blocks)."""
+
+    num_classes: int
+    features: Sequence[int] = (32, 64)
+    dense: int = 128
+
+    @nn.compact
+    def __call__(self, x):
+        for f in self.features:
+            x = nn.relu(nn.Conv(f, (3, 3), padding="SAME")(x))
+            x = nn.avg_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+        x = x.reshape(x.shape[:-3] + (-1,))
+        x = nn.relu(nn.Dense(self.dense)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A classifier as pure functions over a params pytree.
+
+    Attributes:
+      module: the flax module; ``module.apply({"params": p}, x)`` returns logits.
+      example_shape: shape of one input example.
+      num_classes: number of classes.
+    """
+
+    module: nn.Module
+    example_shape: tuple[int, ...]
+    num_classes: int
+
+    def init(self, key: jax.Array) -> PyTree:
+        """Fresh parameters for one example of ``example_shape``."""
+        dummy = jnp.zeros((1,) + tuple(self.example_shape), jnp.float32)
+        return self.module.init(key, dummy)["params"]
+
+    def apply(self, params: PyTree, x: jax.Array) -> jax.Array:
+        """Logits ``[..., num_classes]`` for a batch ``[..., *example_shape]``."""
+        return self.module.apply({"params": params}, x)
+
+    def per_example_loss(self, params: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
+        """Softmax cross-entropy of each example, shape ``y.shape``."""
+        return optax.softmax_cross_entropy_with_integer_labels(self.apply(params, x), y)
+
+    def per_example_metrics(self, params: PyTree, x: jax.Array, y: jax.Array
+                            ) -> dict[str, jax.Array]:
+        """Loss and 0/1 accuracy of each example."""
+        logits = self.apply(params, x)
+        return {"loss": optax.softmax_cross_entropy_with_integer_labels(logits, y),
+                "accuracy": (jnp.argmax(logits, -1) == y).astype(jnp.float32)}
+
+    def num_params(self, params: PyTree) -> int:
+        return int(sum(p.size for p in jax.tree.leaves(params)))
+
+
+MODEL_NAMES = ("softmax", "mlp", "cnn")
+
+
+def make_model(name: str, example_shape: Sequence[int], num_classes: int, *,
+               hidden: Sequence[int] = (200, 200)) -> Model:
+    """Builds a named model: ``softmax``, ``mlp`` or ``cnn`` (images ``[H, W, C]``).
+
+    Args:
+      name: one of ``MODEL_NAMES``.
+      example_shape: shape of one input example.
+      num_classes: number of output classes (>= 2).
+      hidden: hidden layer widths of the MLP.
+
+    Returns:
+      The model.
+    """
+    check_choice("model", name, MODEL_NAMES)
+    check_int("num_classes", num_classes, min_value=2)
+    example_shape = tuple(int(d) for d in example_shape)
+    if not example_shape or any(d < 1 for d in example_shape):
+        fail("example_shape", example_shape, "must be a non-empty tuple of positive sizes")
+    ndim = len(example_shape)
+    if name == "softmax":
+        module = SoftmaxRegression(num_classes, input_ndim=ndim)
+    elif name == "mlp":
+        hidden = tuple(int(h) for h in hidden)
+        if any(h < 1 for h in hidden):
+            fail("hidden", hidden, "widths must be >= 1")
+        module = MLP(num_classes, hidden=hidden, input_ndim=ndim)
+    else:
+        if ndim != 3:
+            fail("example_shape", example_shape, "cnn needs images of shape [H, W, C]")
+        module = CNN(num_classes)
+    return Model(module, example_shape, num_classes)

@@ -1,0 +1,192 @@
+"""One federated round, as one jitted pure function of (state, population, round key).
+
+Data flow (every step is inside the jitted function; nothing goes back to the host)::
+
+    round_key ─┬─ sample ──▶ cohort ids [M] + mask          (fedjax_sim.sampling)
+               └─ fold_in(client id) ──▶ one key per client (never shared)
+    global params ──▶ map_cohort(client_update)              (fedjax_sim.cohort)
+                      each client gathers/generates its own data, trains locally
+    ──▶ ClientOutput: delta [M, ...], weight [M], metrics [M], finite [M]
+    ──▶ non-finite updates are dropped from the mask and counted (never averaged in)
+    ──▶ server transform chain (clip → reduce → noise ...) ──▶ aggregate delta
+    ──▶ server optimiser (plain optax) on the pseudo-gradient -aggregate ──▶ new params
+
+The round compiles once per configuration: every shape is static (the cohort is padded
+to the sampler's capacity, rounded up to a multiple of the device count), and the round
+index lives in the state as an array.
+
+Per-client persistent state (e.g. SCAFFOLD's control variates) is supported through
+``client_state_init``: a ``[num_clients, ...]`` pytree in :class:`ServerState`,
+gathered for the cohort before local training and scattered back afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from fedjax_sim._validation import check_int
+from fedjax_sim.algorithms import FederatedAlgorithm
+from fedjax_sim.client_update import ClientUpdateFn, make_client_update
+from fedjax_sim.cohort import map_cohort, mesh_size, pad_cohort
+from fedjax_sim.data.federated import Population
+from fedjax_sim.models import Model
+from fedjax_sim.sampling import Sampler
+from fedjax_sim.server.base import CohortUpdates
+
+PyTree = Any
+
+
+@struct.dataclass
+class ServerState:
+    """Everything that persists across rounds.
+
+    Attributes:
+      params: global model params.
+      opt_state: server optimiser state.
+      transform_state: server transform chain state (clip norms, noise keys, ...).
+      client_states: per-client persistent state, leaves ``[num_clients, ...]``; ``()``
+        for stateless algorithms.
+      round: int32 number of completed rounds.
+    """
+
+    params: PyTree
+    opt_state: PyTree
+    transform_state: PyTree
+    client_states: PyTree
+    round: jax.Array
+
+
+class RoundOutput(NamedTuple):
+    """Per-round diagnostics, all device arrays (the host reads them after the round).
+
+    Attributes:
+      metrics: scalars: ``train_loss``, ``train_accuracy`` (example-weighted over the
+        clients that were aggregated), ``num_clients`` (sampled), ``num_aggregated``,
+        ``num_examples``, ``num_nonfinite`` (dropped non-finite updates), ``overflow``
+        (Poisson draws beyond capacity), ``update_norm`` (L2 of the aggregate delta).
+      client_ids: ``[M]`` the cohort (``-1`` padding).
+      client_metrics: per-client metrics ``[M]`` (for attack/defence analysis).
+    """
+
+    metrics: dict[str, jax.Array]
+    client_ids: jax.Array
+    client_metrics: dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedRound:
+    """A compiled-once federated round.
+
+    Use ``state = fr.init(key)`` then ``state, out = fr.step(state, population, round_key)``
+    (``step`` is jitted). ``step_unjitted`` is the same function without ``jax.jit``.
+    """
+
+    init: Callable[[jax.Array], ServerState]
+    step: Callable[[ServerState, Population, jax.Array], tuple[ServerState, RoundOutput]]
+    step_unjitted: Callable[[ServerState, Population, jax.Array],
+                            tuple[ServerState, RoundOutput]]
+    cohort_capacity: int
+
+
+def _tree_where_clients(mask: jax.Array, tree: PyTree) -> PyTree:
+    """Zeroes the entries of clients with ``mask`` False (NaN-safe: a select, not a product)."""
+    return jax.tree.map(
+        lambda u: jnp.where(mask.reshape(mask.shape + (1,) * (u.ndim - 1)), u,
+                            jnp.zeros((), u.dtype)), tree)
+
+
+def _weighted_client_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+    total = jnp.sum(weights)
+    return jnp.sum(jnp.where(weights > 0, values, 0.0) * weights) / jnp.maximum(total, 1e-12)
+
+
+def make_round(model: Model, algorithm: FederatedAlgorithm, sampler: Sampler, *,
+               max_examples: int, chunk_size: int = 256, mesh: Mesh | None = None,
+               client_update: ClientUpdateFn | None = None,
+               client_state_init: Callable[[PyTree, int], PyTree] | None = None
+               ) -> FederatedRound:
+    """Assembles the round of ``algorithm`` for ``model`` and ``sampler``.
+
+    Args:
+      model: the model.
+      algorithm: client config, server transform chain and server optimiser.
+      sampler: picks each round's cohort.
+      max_examples: padded number of examples per client of the population.
+      chunk_size: clients vectorised together (memory grows with it).
+      mesh: optional mesh with a ``clients`` axis to shard the cohort over devices.
+      client_update: override of the one-client function (e.g. a poisoning client that
+        switches on ``data.client_id``); default the algorithm's honest local training.
+      client_state_init: ``(params, num_clients) -> per-client state`` for stateful
+        algorithms; None for stateless ones.
+
+    Returns:
+      The :class:`FederatedRound`.
+    """
+    check_int("chunk_size", chunk_size, min_value=1)
+    check_int("max_examples", max_examples, min_value=1)
+    client_fn = client_update or make_client_update(model, algorithm.client, max_examples)
+    transform = algorithm.server_transform
+    server_opt = algorithm.server_optimizer
+    devices = mesh_size(mesh)
+    capacity = sampler.capacity + (-sampler.capacity) % devices
+
+    def init(key: jax.Array) -> ServerState:
+        params = model.init(key)
+        client_states = () if client_state_init is None else client_state_init(
+            params, sampler.num_clients)
+        return ServerState(params=params, opt_state=server_opt.init(params),
+                           transform_state=transform.init(params),
+                           client_states=client_states, round=jnp.zeros((), jnp.int32))
+
+    def step(state: ServerState, population: Population, round_key: jax.Array):
+        sample_key, client_key = jax.random.split(round_key)
+        cohort = sampler.sample(sample_key)
+        ids, mask = pad_cohort(cohort.ids, cohort.mask, devices)
+        ids = jnp.where(mask, ids, -1)
+        keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(ids)
+        safe_ids = jnp.where(mask, ids, 0)
+        states = jax.tree.map(lambda s: s[safe_ids], state.client_states)
+
+        out = map_cohort(client_fn, state.params, population, ids, keys, states,
+                         chunk_size=chunk_size, mesh=mesh)
+
+        ok = mask & out.finite
+        weights = jnp.where(ok, out.weight, 0.0).astype(jnp.float32)
+        cohort_updates = CohortUpdates(updates=_tree_where_clients(ok, out.delta),
+                                       weights=weights, mask=ok)
+        aggregate, transform_state = transform.update(cohort_updates, state.transform_state)
+        pseudo_grad = jax.tree.map(jnp.negative, aggregate)
+        updates, opt_state = server_opt.update(pseudo_grad, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        scatter_ids = jnp.where(ok, ids, sampler.num_clients)  # out of range -> dropped
+        client_states = jax.tree.map(
+            lambda s, new: s.at[scatter_ids].set(new, mode="drop"),
+            state.client_states, out.client_state)
+
+        examples = jnp.where(ok, out.metrics["num_examples"], 0.0)
+        metrics = {
+            "train_loss": _weighted_client_mean(out.metrics["train_loss"], examples),
+            "train_accuracy": _weighted_client_mean(out.metrics["train_accuracy"], examples),
+            "num_clients": jnp.sum(mask).astype(jnp.int32),
+            "num_aggregated": jnp.sum(ok).astype(jnp.int32),
+            "num_examples": jnp.sum(examples),
+            "num_nonfinite": jnp.sum(mask & ~out.finite).astype(jnp.int32),
+            "overflow": cohort.overflow,
+            "update_norm": optax.global_norm(aggregate),
+        }
+        new_state = ServerState(params=params, opt_state=opt_state,
+                                transform_state=transform_state,
+                                client_states=client_states, round=state.round + 1)
+        client_metrics = dict(out.metrics, weight=out.weight, finite=out.finite)
+        return new_state, RoundOutput(metrics, ids, client_metrics)
+
+    return FederatedRound(init=init, step=jax.jit(step), step_unjitted=step,
+                          cohort_capacity=capacity)

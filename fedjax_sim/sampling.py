@@ -1,0 +1,160 @@
+"""Client sampling inside jit, with cost independent of the population size.
+
+Both samplers draw cohort ids from a keyed pseudo-random permutation of ``[0, N)``:
+the *swap-or-not* shuffle (Hoang, Morris & Rogaway, CRYPTO 2012). Each of its rounds pairs
+``x`` with ``K_r - x (mod N)`` and swaps the two when a keyed bit of the pair says so; the
+composition of these involutions is a permutation of ``[0, N)`` for any N, evaluated
+pointwise. Evaluating it at ``0..M-1`` yields M *distinct* ids in O(M log N) work and O(M)
+memory, so sampling 1,000 of 10^7 clients never touches the other 9,999,000.
+
+* :class:`FixedSizeSampler` -- exactly ``cohort_size`` distinct clients per round (uniform
+  subset without replacement, up to the pseudo-randomness of the permutation).
+* :class:`PoissonSampler` -- every client independently with probability ``rate``. The
+  cohort size is drawn as ``Binomial(N, rate)`` and that many distinct clients are taken
+  from the permutation, which has exactly the law of independent Bernoulli(rate)
+  inclusions. The drawn cohort is padded with masked slots to a static capacity
+  ``max_cohort``. If a draw exceeds the capacity, the first ``max_cohort`` clients are kept
+  and the excess is reported in ``Cohort.overflow`` (the runner logs it). Truncation
+  breaks the exact Poisson law on which DP accounting relies, so the default capacity is
+  the Binomial quantile at ``1 - 1e-10``: an overflow then has probability below 1e-10
+  per round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from fedjax_sim._validation import check_float, check_int, fail
+
+
+@struct.dataclass
+class Cohort:
+    """One round's sampled clients.
+
+    Attributes:
+      ids: ``[M]`` int32 client ids; ``-1`` in padding slots.
+      mask: ``[M]`` bool, ``True`` for sampled clients.
+      overflow: int32 scalar, clients drawn beyond the capacity and dropped (Poisson only).
+    """
+
+    ids: jax.Array
+    mask: jax.Array
+    overflow: jax.Array
+
+
+def _num_shuffle_rounds(n: int) -> int:
+    return 6 * max(1, math.ceil(math.log2(max(n, 2)))) + 8
+
+
+def permute_indices(key: jax.Array, positions: jax.Array, n: int) -> jax.Array:
+    """Images of ``positions`` under a keyed pseudo-random permutation of ``[0, n)``.
+
+    Args:
+      key: PRNG key choosing the permutation.
+      positions: int array of distinct values in ``[0, n)``.
+      n: domain size (static), at most 2**31 - 1.
+
+    Returns:
+      int32 array of the same shape; distinct inputs map to distinct outputs.
+    """
+    rounds = _num_shuffle_rounds(n)
+    offsets = jax.random.randint(jax.random.fold_in(key, 0), (rounds,), 0, n, dtype=jnp.int32)
+    bit_keys = jax.random.split(jax.random.fold_in(key, 1), rounds)
+
+    def one_round(r, x):
+        partner = jnp.mod(offsets[r] - x, n)
+        pivot = jnp.maximum(x, partner)
+        bits = jax.vmap(lambda p: jax.random.bits(jax.random.fold_in(bit_keys[r], p)))(
+            pivot.reshape(-1)).reshape(pivot.shape)
+        return jnp.where((bits & 1) == 1, partner, x)
+
+    return jax.lax.fori_loop(0, rounds, one_round, positions.astype(jnp.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedSizeSampler:
+    """Samples exactly ``cohort_size`` distinct clients out of ``num_clients`` per round."""
+
+    num_clients: int
+    cohort_size: int
+
+    def __post_init__(self):
+        check_int("num_clients", self.num_clients, min_value=1, max_value=2**31 - 1)
+        check_int("cohort_size", self.cohort_size, min_value=1)
+        if self.cohort_size > self.num_clients:
+            fail("cohort_size", self.cohort_size,
+                 f"exceeds the population size num_clients={self.num_clients}")
+
+    @property
+    def capacity(self) -> int:
+        return self.cohort_size
+
+    @property
+    def privacy_sampling(self) -> dict:
+        """What a DP accountant needs: sampling without replacement, m of n."""
+        return {"sampling": "fixed", "cohort_size": self.cohort_size,
+                "num_clients": self.num_clients}
+
+    def sample(self, key: jax.Array) -> Cohort:
+        ids = permute_indices(key, jnp.arange(self.cohort_size), self.num_clients)
+        return Cohort(ids=ids, mask=jnp.ones((self.cohort_size,), bool),
+                      overflow=jnp.zeros((), jnp.int32))
+
+
+def default_poisson_capacity(num_clients: int, rate: float, tail: float = 1e-10) -> int:
+    """Smallest capacity M with ``P[Binomial(num_clients, rate) > M] <= tail``."""
+    from scipy import stats  # scipy is a dependency of jax itself.
+
+    if rate >= 1.0:
+        return num_clients
+    m = int(stats.binom.isf(tail, num_clients, rate)) + 1
+    return max(1, min(num_clients, m))
+
+
+@dataclasses.dataclass(frozen=True)
+class PoissonSampler:
+    """Includes each client independently with probability ``rate``; padded to ``max_cohort``.
+
+    Attributes:
+      num_clients: population size N.
+      rate: inclusion probability q in (0, 1].
+      max_cohort: static capacity; defaults to the ``1 - 1e-10`` Binomial quantile.
+    """
+
+    num_clients: int
+    rate: float
+    max_cohort: int | None = None
+
+    def __post_init__(self):
+        check_int("num_clients", self.num_clients, min_value=1, max_value=2**31 - 1)
+        check_float("rate", self.rate, min_value=0.0, max_value=1.0, min_exclusive=True)
+        if self.max_cohort is None:
+            object.__setattr__(self, "max_cohort",
+                               default_poisson_capacity(self.num_clients, self.rate))
+        check_int("max_cohort", self.max_cohort, min_value=1, max_value=self.num_clients)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.max_cohort)
+
+    @property
+    def privacy_sampling(self) -> dict:
+        """What a DP accountant needs: Poisson sampling with rate q."""
+        return {"sampling": "poisson", "rate": self.rate, "num_clients": self.num_clients}
+
+    def sample(self, key: jax.Array) -> Cohort:
+        count_key, perm_key = jax.random.split(key)
+        drawn = jax.random.binomial(count_key, self.num_clients, self.rate).astype(jnp.int32)
+        kept = jnp.minimum(drawn, self.capacity)
+        slots = jnp.arange(self.capacity)
+        ids = permute_indices(perm_key, slots, self.num_clients)
+        mask = slots < kept
+        return Cohort(ids=jnp.where(mask, ids, -1), mask=mask, overflow=drawn - kept)
+
+
+Sampler = FixedSizeSampler | PoissonSampler
