@@ -1,0 +1,301 @@
+"""The experiment runner: configuration in, metrics.jsonl and summary.json out.
+
+Host-side only: it builds the data, model, algorithm and sampler from an
+:class:`~fedjax_sim.config.ExperimentConfig`, compiles the round once (ahead of time,
+so compile time is reported apart from steady-state time), runs it, evaluates, logs one
+JSON object per round, and shows a progress bar. Nothing here runs inside the round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from fedjax_sim._validation import ConfigError, fail
+from fedjax_sim.algorithms import make_algorithm
+from fedjax_sim.cohort import client_mesh
+from fedjax_sim.config import ExperimentConfig
+from fedjax_sim.data.federated import ClientData, FederatedData
+from fedjax_sim.evaluation import evaluate_clients, make_central_evaluator
+from fedjax_sim.models import make_model
+from fedjax_sim.rounds import make_round
+from fedjax_sim.sampling import FixedSizeSampler, PoissonSampler
+
+
+class TrainingDiverged(RuntimeError):
+    """The global model became non-finite."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentData:
+    """A training population and how to evaluate on held-out data.
+
+    Exactly one of ``test_clients`` (per-client held-out data, leading client axis) and
+    ``test_central`` (a pooled ``(x, y)`` test set) is set.
+    """
+
+    population: Any
+    num_classes: int
+    example_shape: tuple[int, ...]
+    test_clients: ClientData | None = None
+    test_central: tuple[np.ndarray, np.ndarray] | None = None
+    reference_accuracy: float | None = None
+
+
+def _federated_as_clients(data: FederatedData) -> ClientData:
+    return data.cohort_data(jnp.arange(data.num_clients, dtype=jnp.int32))
+
+
+def _procedural_test(pop: Any, cfg: ExperimentConfig) -> ClientData:
+    """Held-out examples of ``eval_clients`` population clients chosen by the seed."""
+    n_eval = min(cfg.eval_clients, cfg.num_clients)
+    rng = np.random.default_rng(cfg.seed + 1)
+    eval_ids = np.sort(rng.choice(cfg.num_clients, n_eval, replace=False))
+    return jax.jit(pop.test_data)(jnp.asarray(eval_ids, jnp.int32))
+
+
+def build_data(cfg: ExperimentConfig) -> ExperimentData:
+    """Builds the population and test data that ``cfg`` describes (host side, once)."""
+    if cfg.data == "label_skew":
+        from fedjax_sim.data.label_skew import procedural_label_skew
+
+        pop = procedural_label_skew(
+            cfg.num_clients, alpha=cfg.dirichlet_alpha, seed=cfg.seed,
+            max_examples=cfg.max_examples, min_examples=cfg.min_examples,
+            size_mean=cfg.synthetic_size_mean, size_sigma=cfg.synthetic_size_sigma,
+            separation=cfg.class_separation)
+        return ExperimentData(pop, pop.num_classes, pop.example_shape,
+                              test_clients=_procedural_test(pop, cfg),
+                              reference_accuracy=pop.bayes_accuracy(seed=cfg.seed))
+    if cfg.data == "synthetic":
+        from fedjax_sim.data.procedural import procedural_synthetic
+
+        pop = procedural_synthetic(
+            cfg.num_clients, alpha=cfg.synthetic_alpha, beta=cfg.synthetic_beta,
+            iid=cfg.synthetic_iid, seed=cfg.seed, max_examples=cfg.max_examples,
+            min_examples=min(cfg.min_examples, cfg.max_examples),
+            size_mean=cfg.synthetic_size_mean, size_sigma=cfg.synthetic_size_sigma)
+        return ExperimentData(pop, pop.num_classes, pop.example_shape,
+                              test_clients=_procedural_test(pop, cfg))
+    if cfg.data == "synthetic_materialized":
+        from fedjax_sim.data.synthetic import synthetic_fedprox
+
+        split = synthetic_fedprox(
+            cfg.num_clients, alpha=cfg.synthetic_alpha, beta=cfg.synthetic_beta,
+            iid=cfg.synthetic_iid, seed=cfg.seed, max_examples=cfg.max_examples,
+            min_examples=min(max(cfg.min_examples, 2), cfg.max_examples),
+            size_mean=cfg.synthetic_size_mean, size_sigma=cfg.synthetic_size_sigma)
+        return ExperimentData(split.train, split.train.num_classes,
+                              split.train.example_shape,
+                              test_clients=_federated_as_clients(split.test))
+    if cfg.data == "digits":
+        from fedjax_sim.data.digits import digits_federated
+
+        split = digits_federated(cfg.num_clients, partition=cfg.partition,
+                                 alpha=cfg.dirichlet_alpha,
+                                 shards_per_client=cfg.shards_per_client, seed=cfg.seed)
+        return ExperimentData(split.train, split.train.num_classes,
+                              split.train.example_shape,
+                              test_central=(split.test_x, split.test_y))
+    from fedjax_sim.data import io
+
+    loader = io.load_npz if cfg.data == "npz" else io.load_leaf
+    train = loader(cfg.data_path)
+    if train.num_clients != cfg.num_clients:
+        fail("num_clients", cfg.num_clients,
+             f"does not match the {train.num_clients} clients in data_path={cfg.data_path!r}")
+    if cfg.test_path:
+        test = loader(cfg.test_path)
+        if test.num_clients != train.num_clients:
+            fail("test_path", cfg.test_path,
+                 f"holds {test.num_clients} clients, training data {train.num_clients}")
+        test_clients = _federated_as_clients(test)
+    else:
+        test_clients = _federated_as_clients(train)
+    return ExperimentData(train, train.num_classes, train.example_shape,
+                          test_clients=test_clients)
+
+
+def _make_sampler(cfg: ExperimentConfig, num_clients: int):
+    if cfg.sampling == "fixed":
+        if cfg.cohort_size > num_clients:
+            fail("cohort_size", cfg.cohort_size, f"exceeds num_clients={num_clients}")
+        return FixedSizeSampler(num_clients, cfg.cohort_size)
+    return PoissonSampler(num_clients, cfg.sampling_rate)
+
+
+def _mesh(cfg: ExperimentConfig):
+    if cfg.num_devices == 1:
+        return None
+    devices = jax.devices()
+    if cfg.num_devices > len(devices):
+        fail("num_devices", cfg.num_devices, f"only {len(devices)} devices are available")
+    return client_mesh(devices if cfg.num_devices == 0 else devices[:cfg.num_devices])
+
+
+class _JsonlWriter:
+    def __init__(self, output_dir: str | None):
+        self._f = None
+        if output_dir:
+            os.makedirs(output_dir, exist_ok=True)
+            self._f = open(os.path.join(output_dir, "metrics.jsonl"), "w")
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self._f:
+            self._f.write(json.dumps(row) + "\n")
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f:
+            self._f.close()
+
+
+def run_experiment(cfg: ExperimentConfig, *, output_dir: str | None = None,
+                   progress: bool = True,
+                   on_round: Callable[[dict[str, Any]], None] | None = None
+                   ) -> dict[str, Any]:
+    """Runs the experiment ``cfg`` and returns its summary.
+
+    Args:
+      cfg: the validated configuration.
+      output_dir: if set, ``metrics.jsonl`` (one object per round) and ``summary.json``
+        are written there.
+      progress: show a tqdm progress bar on stderr.
+      on_round: optional callback receiving each round's metrics row.
+
+    Returns:
+      The summary (also written to ``summary.json``): final metrics, timings, config.
+
+    Raises:
+      ConfigError: for inconsistent settings discovered while building the data.
+      TrainingDiverged: if the global params become non-finite.
+    """
+    t_start = time.perf_counter()
+    data = build_data(cfg)
+    pop = data.population
+    model = make_model(cfg.model, data.example_shape, data.num_classes, hidden=cfg.hidden)
+    algorithm = make_algorithm(
+        cfg.algorithm, client_lr=cfg.client_lr, local_epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size, server_lr=cfg.server_lr or None,
+        server_momentum=cfg.server_momentum, beta1=cfg.beta1, beta2=cfg.beta2,
+        adaptivity=cfg.adaptivity, client_momentum=cfg.client_momentum,
+        prox_mu=(cfg.prox_mu or None) if cfg.algorithm == "fedprox" else None,
+        weighting=cfg.weighting)
+    sampler = _make_sampler(cfg, pop.num_clients)
+    fed_round = make_round(model, algorithm, sampler, max_examples=pop.max_examples,
+                           chunk_size=cfg.chunk_size, mesh=_mesh(cfg))
+    base_key = jax.random.key(cfg.seed)
+    init_key, rounds_key = jax.random.split(base_key)
+    state = fed_round.init(init_key)
+
+    t0 = time.perf_counter()
+    step = fed_round.step.lower(state, pop, jax.random.fold_in(rounds_key, 0)).compile()
+    compile_seconds = time.perf_counter() - t0
+
+    if data.test_central is not None:
+        central = make_central_evaluator(model)
+
+        def evaluate(params):
+            m = central(params, *data.test_central)
+            return {"test_loss": m["loss"], "test_accuracy": m["accuracy"]}
+    else:
+        def evaluate(params):
+            m = evaluate_clients(model, params, data.test_clients, chunk_size=cfg.chunk_size)
+            return {"test_loss": m["loss_example_weighted"],
+                    "test_accuracy": m["accuracy_example_weighted"],
+                    "test_accuracy_client_averaged": m["accuracy_client_averaged"]}
+
+    writer = _JsonlWriter(output_dir)
+    bar = tqdm(total=cfg.rounds, desc=f"{cfg.algorithm}", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    round_seconds, updates, last_eval, row = [], 0, {}, {}
+    try:
+        for r in range(cfg.rounds):
+            t0 = time.perf_counter()
+            state, out = step(state, pop, jax.random.fold_in(rounds_key, r))
+            metrics = jax.device_get(out.metrics)
+            seconds = time.perf_counter() - t0
+            round_seconds.append(seconds)
+            updates += int(metrics["num_clients"])
+            if not bool(jax.device_get(_params_finite(state.params))):
+                raise TrainingDiverged(
+                    f"round {r + 1}: the global params are not finite "
+                    f"(lower client_lr={cfg.client_lr} or server_lr)")
+            if int(metrics["num_nonfinite"]):
+                tqdm.write(f"round {r + 1}: dropped {int(metrics['num_nonfinite'])} "
+                           "non-finite client updates (not aggregated)", file=sys.stderr)
+            if int(metrics["overflow"]):
+                tqdm.write(f"round {r + 1}: Poisson draw exceeded the cohort capacity; "
+                           f"{int(metrics['overflow'])} clients dropped", file=sys.stderr)
+            evaluated = (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds
+            if evaluated:
+                last_eval = evaluate(state.params)
+            row = {"round": r + 1,
+                   "train_loss": float(metrics["train_loss"]),
+                   "train_accuracy": float(metrics["train_accuracy"]),
+                   "test_loss": last_eval.get("test_loss") if evaluated else None,
+                   "test_accuracy": last_eval.get("test_accuracy") if evaluated else None,
+                   "num_clients": int(metrics["num_clients"]),
+                   "num_aggregated": int(metrics["num_aggregated"]),
+                   "num_nonfinite": int(metrics["num_nonfinite"]),
+                   "num_examples": int(metrics["num_examples"]),
+                   "update_norm": float(metrics["update_norm"]),
+                   "seconds": seconds,
+                   "client_updates_per_s": int(metrics["num_clients"]) / max(seconds, 1e-9)}
+            if evaluated and "test_accuracy_client_averaged" in last_eval:
+                row["test_accuracy_client_averaged"] = last_eval[
+                    "test_accuracy_client_averaged"]
+            writer.write(row)
+            if on_round:
+                on_round(row)
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}",
+                            acc=f"{last_eval.get('test_accuracy', float('nan')):.3f}",
+                            upd_s=f"{row['client_updates_per_s']:.0f}")
+            bar.update(1)
+    finally:
+        bar.close()
+        writer.close()
+
+    steady = round_seconds[1:] or round_seconds
+    summary = {
+        "final": {k: row[k] for k in ("round", "train_loss", "test_loss", "test_accuracy")},
+        "test_accuracy": last_eval.get("test_accuracy"),
+        "test_accuracy_client_averaged": last_eval.get("test_accuracy_client_averaged"),
+        "bayes_accuracy": data.reference_accuracy,
+        "rounds": cfg.rounds,
+        "client_updates": updates,
+        "compile_seconds": compile_seconds,
+        "train_seconds": float(sum(round_seconds)),
+        "mean_round_seconds": float(np.mean(steady)),
+        "client_updates_per_s": float(updates / max(sum(round_seconds), 1e-9)),
+        "total_seconds": time.perf_counter() - t_start,
+        "population": pop.num_clients,
+        "cohort_capacity": fed_round.cohort_capacity,
+        "num_params": model.num_params(state.params),
+        "backend": jax.default_backend(),
+        "devices": len(jax.devices()) if cfg.num_devices == 0 else cfg.num_devices,
+        "jax_version": jax.__version__,
+        "config": cfg.to_dict(),
+    }
+    if output_dir:
+        with open(os.path.join(output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+@jax.jit
+def _params_finite(params) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+
+
+__all__ = ["ConfigError", "ExperimentData", "TrainingDiverged", "build_data",
+           "run_experiment"]
