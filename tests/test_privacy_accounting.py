@@ -146,13 +146,16 @@ def test_adaptive_clipping_effective_noise_multiplier():
     two = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.ComposedDpEvent(
         [dp_accounting.GaussianDpEvent(z_u), dp_accounting.GaussianDpEvent(2 * sb)]))
     want = _direct_epsilon(two, rounds, delta, Rel.ADD_OR_REMOVE_ONE)
-    cfg = privacy_spec_from_transform_infos(
-        [{"name": "adaptive_clip", "initial_clip_norm": 0.1, "clipped_count_stddev": sb},
-         {"name": "weighted_mean"},
-         {"name": "gaussian_noise", "noise_multiplier": z_u, "clip_norm": 0.1}],
-        SamplingSpec.poisson(q))
+    fused = {"name": "adaptive_clipped_gaussian_sum", "noise_multiplier": z,
+             "update_noise_multiplier": z_u, "count_noise_std": sb, "count_sensitivity": 0.5,
+             "initial_clip_norm": 0.1, "sensitivity": None}
+    cfg = privacy_spec_from_transform_infos([fused, {"name": "dp_mean_normalize"}],
+                                            SamplingSpec.poisson(q))
     assert cfg.noise_multiplier == pytest.approx(z, rel=1e-12)
     assert epsilon_for(rounds, cfg, delta) == pytest.approx(want, rel=1e-9)
+    with pytest.raises(ConfigError, match="^noise_multiplier="):  # the ledger must not drift
+        privacy_spec_from_transform_infos([dict(fused, noise_multiplier=1.2)],
+                                          SamplingSpec.poisson(q))
 
 
 def _tx(**info):
@@ -160,24 +163,42 @@ def _tx(**info):
 
 
 def test_spec_from_chained_transform():
-    tx = chain(_tx(name="clip", clip_norm=1.0), _tx(name="weighted_mean"),
-               _tx(name="gaussian_noise", noise_multiplier=1.3, clip_norm=1.0))
+    clip = _tx(name="clip_per_client", clip_norm=1.0, sensitivity=1.0)
+    noise = _tx(name="gaussian_noise", noise_multiplier=1.3, sensitivity=1.0, noise_std=1.3)
+    tx = chain(clip, _tx(name="sum_updates"), noise, _tx(name="dp_mean_normalize"))
     cfg = privacy_spec_from_transform_infos(tx, SamplingSpec.poisson(0.1), delta=1e-6)
     assert cfg == PrivacyConfig(1.3, SamplingSpec.poisson(0.1), "rdp", 1e-6)
-    explicit = [{"name": "x", "effective_noise_multiplier": 0.7, "noise_multiplier": 0.8,
-                 "clip_norm": 1.0}]
+    # Noise calibrated to a different bound than the clipping enforces: z = std / bound.
+    loose = chain(_tx(name="clip_per_client", clip_norm=2.0, sensitivity=2.0), noise)
     assert privacy_spec_from_transform_infos(
-        explicit, SamplingSpec.poisson(0.1)).noise_multiplier == 0.7
+        loose, SamplingSpec.poisson(0.1)).noise_multiplier == pytest.approx(0.65)
+    zero_above = [{"name": "zero_above_norm", "max_norm": 0.5, "sensitivity": 0.5},
+                  noise.info]
+    assert privacy_spec_from_transform_infos(
+        zero_above, SamplingSpec.poisson(0.1)).noise_multiplier == pytest.approx(2.6)
+
+
+def test_spec_from_real_dp_fedavg_aggregator():
+    noise_mod = pytest.importorskip("fedjax_sim.server.noise")
+    import jax
+    for adaptive in (False, True):
+        tx = noise_mod.dp_fedavg_aggregator(0.5, 1.1, 100.0, key=jax.random.key(0),
+                                            adaptive=adaptive)
+        cfg = privacy_spec_from_transform_infos(tx, SamplingSpec.poisson(0.01))
+        assert cfg.noise_multiplier == pytest.approx(1.1, rel=1e-9)
 
 
 @pytest.mark.parametrize("infos,field", [
     ([{"name": "clip", "clip_norm": 1.0}], "infos"),
-    ([{"name": "noise", "noise_multiplier": 1.0}], "infos"),
+    ([{"name": "noise", "noise_multiplier": 1.0, "sensitivity": 1.0}], "infos"),
     ([{"name": "a", "noise_multiplier": 1.0, "clip_norm": 1.0},
       {"name": "b", "noise_multiplier": 2.0}], "infos"),
+    ([{"name": "adaptive_clip", "count_noise_std": 5.0, "sensitivity": None},
+      {"name": "gaussian_noise", "noise_multiplier": 1.0, "sensitivity": 1.0}], "infos"),
     ([{"name": "dp_ftrl_tree", "noise_multiplier": 1.0, "clip_norm": 1.0,
        "max_rounds": 8}], "infos"),
-    ([{"name": "noise", "noise_multiplier": 0.0, "clip_norm": 1.0}], "noise_multiplier"),
+    ([{"name": "clip", "clip_norm": 1.0},
+      {"name": "noise", "noise_multiplier": 0.0, "sensitivity": 1.0}], "noise_multiplier"),
 ])
 def test_spec_from_infos_rejects(infos, field):
     with pytest.raises(ConfigError, match=f"^{field}="):

@@ -411,8 +411,7 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, rounds: int,
 
 # ------------------------------------------------------------- spec from server transforms
 
-_COUNT_NOISE_KEYS = ("clipped_count_stddev", "count_noise_std", "count_noise_stddev")
-_CLIP_KEYS = ("clip_norm", "initial_clip_norm")
+_BOUND_KEYS = ("sensitivity", "clip_norm", "max_norm")
 
 
 def _flatten_infos(infos: Any) -> list[Mapping[str, Any]]:
@@ -459,19 +458,23 @@ def privacy_spec_from_transform_infos(infos: Any, sampling: SamplingSpec, *,
                                       delta: float | None = None) -> PrivacyConfig:
     """Builds the :class:`PrivacyConfig` from what the server transforms report.
 
-    Reads ``info`` mappings (a ServerTransform, one info mapping, or an iterable of them;
-    chains are flattened):
+    ``infos``: a ServerTransform, one info mapping, or an iterable of them (chains are
+    flattened). The conventions are those of ``fedjax_sim.server.clipping`` / ``noise``:
 
-    * exactly one transform must report ``"noise_multiplier"`` (> 0): z of the noise it
-      adds to the sum, relative to the clip norm;
-    * some transform must report a ``"clip_norm"`` (or ``"initial_clip_norm"``) — without
-      clipping there is no sensitivity bound and nothing to account;
-    * adaptive clipping reports its count-noise std under ``"clipped_count_stddev"`` (or
-      ``"count_noise_std"``), optionally ``"count_sensitivity"`` (default 1/2); z is then
-      replaced by :func:`effective_noise_multiplier`. A transform may instead report
-      ``"effective_noise_multiplier"`` directly, which then wins.
-    * a DP-FTRL tree transform (``name == "dp_ftrl_tree"``) is rejected: account for it
-      with :func:`dp_ftrl_epsilon`.
+    * exactly one transform reports ``noise_multiplier`` (> 0): the noise transform.
+    * Fused adaptive clipping (``dp_fedavg_aggregator(adaptive=True)``: the info also has
+      ``update_noise_multiplier``): its ``noise_multiplier`` already is the effective z of
+      the update-sum and count queries together (Andrew et al. 2021, Theorem 1); it is
+      re-derived from ``update_noise_multiplier``, ``count_noise_std`` and
+      ``count_sensitivity`` and must agree (a mismatch raises: the ledger must not drift).
+    * Fixed noise (``gaussian_noise(z, S)``): z is relative to the noise transform's own
+      ``sensitivity`` S; the per-client bound B is the smallest ``sensitivity`` (else
+      ``clip_norm`` / ``max_norm``) reported by the other transforms, and the accounted
+      multiplier is ``z * S / B`` (= noise std / the real bound; z itself when S == B).
+      A per-client transform whose bound is not fixed (``sensitivity: None``, e.g. a
+      standalone ``adaptive_clip``) cannot be paired with fixed noise and raises.
+    * a DP-FTRL tree transform (``name == "dp_ftrl_tree"``) raises: use
+      :func:`dp_ftrl_epsilon`.
 
     Args:
       infos: transform infos.
@@ -480,39 +483,59 @@ def privacy_spec_from_transform_infos(infos: Any, sampling: SamplingSpec, *,
       delta: optional default delta.
 
     Returns:
-      The PrivacyConfig.
+      The PrivacyConfig of one round.
     """
     if not isinstance(sampling, SamplingSpec):
         fail("sampling", sampling, "must be a SamplingSpec")
     flat = _flatten_infos(infos)
+    names = [i.get("name") for i in flat]
     for info in flat:
         if info.get("name") == "dp_ftrl_tree":
             fail("infos", info.get("name"),
                  "DP-FTRL tree noise is not a sampled Gaussian; use dp_ftrl_epsilon("
                  "info['noise_multiplier'], rounds, delta, max_rounds=info['max_rounds'])")
-    explicit = [i["effective_noise_multiplier"] for i in flat
-                if i.get("effective_noise_multiplier") is not None]
     noisy = [i for i in flat if i.get("noise_multiplier") is not None]
-    if len(explicit) > 1 or (not explicit and len(noisy) > 1):
+    if len(noisy) > 1:
         fail("infos", [i.get("name") for i in noisy],
              "more than one transform reports a noise_multiplier; cannot tell which one "
              "the accountant should use")
-    if not explicit and not noisy:
-        fail("infos", [i.get("name") for i in flat],
-             "no transform reports a noise_multiplier; nothing to account (no DP noise)")
-    if not any(i.get(k) is not None for i in flat for k in _CLIP_KEYS):
-        fail("infos", [i.get("name") for i in flat],
-             "no transform reports a clip_norm; without clipping the noise gives no DP")
-    if explicit:
-        z = _check_noise_multiplier("effective_noise_multiplier", explicit[0])
-    else:
-        z = _check_noise_multiplier("noise_multiplier", noisy[0]["noise_multiplier"])
-        counts = [(i[k], i.get("count_sensitivity", 0.5)) for i in flat
-                  for k in _COUNT_NOISE_KEYS if i.get(k) is not None]
-        if len(counts) > 1:
-            fail("infos", counts, "more than one transform reports a count-noise std")
-        if counts:
-            z = effective_noise_multiplier(z, counts[0][0], counts[0][1])
+    if not noisy:
+        fail("infos", names, "no transform reports a noise_multiplier; nothing to account")
+    noise = noisy[0]
+    z = _check_noise_multiplier("noise_multiplier", noise["noise_multiplier"])
+    if noise.get("update_noise_multiplier") is not None:  # fused adaptive clipping
+        if noise.get("count_noise_std") is None:
+            fail("infos", noise.get("name"),
+                 "reports update_noise_multiplier but no count_noise_std")
+        z_check = effective_noise_multiplier(noise["update_noise_multiplier"],
+                                             noise["count_noise_std"],
+                                             noise.get("count_sensitivity", 0.5))
+        if not math.isclose(z, z_check, rel_tol=1e-6):
+            fail("noise_multiplier", z,
+                 f"disagrees with the effective multiplier {z_check!r} recomputed from "
+                 f"{noise.get('name')}'s update and count noise")
+        return PrivacyConfig(z, sampling, accountant, delta)
+    others = [i for i in flat if i is not noise]
+    if any("sensitivity" in i and i["sensitivity"] is None for i in others):
+        fail("infos", names,
+             "a per-client transform has no fixed sensitivity (adaptive clipping?); fixed "
+             "Gaussian noise cannot be accounted against it (use the fused adaptive "
+             "aggregator)")
+    bounds = []
+    for i in others:
+        for k in _BOUND_KEYS:
+            if i.get(k) is not None:
+                bounds.append(check_float(f"{i.get('name')}.{k}", i[k], min_value=0.0,
+                                          min_exclusive=True))
+                break
+    if not bounds:
+        fail("infos", names,
+             "no transform bounds a client's contribution (clip_norm / sensitivity); "
+             "without it the noise gives no DP")
+    s_noise = noise.get("sensitivity")
+    if s_noise is not None:
+        s_noise = check_float("sensitivity", s_noise, min_value=0.0, min_exclusive=True)
+        z = z * s_noise / min(bounds)
     return PrivacyConfig(z, sampling, accountant, delta)
 
 
