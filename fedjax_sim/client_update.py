@@ -87,9 +87,14 @@ def _tree_finite(tree: PyTree) -> jax.Array:
 
 
 def epoch_order(key: jax.Array, mask: jax.Array) -> jax.Array:
-    """A random order of the example slots with every real example before any padding."""
-    sort_keys = jnp.where(mask, jax.random.uniform(key, mask.shape), 2.0)
-    return jnp.argsort(sort_keys)
+    """A random order of the example slots with every real example before any padding.
+
+    Slot i's sort key is drawn from ``fold_in(key, i)``, so the order of the real
+    examples does not depend on how much padding follows them.
+    """
+    u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(
+        jnp.arange(mask.shape[0]))
+    return jnp.argsort(jnp.where(mask, u, 2.0))
 
 
 ClientUpdateFn = Callable[[PyTree, ClientData, jax.Array, PyTree], ClientOutput]

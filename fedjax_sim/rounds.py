@@ -102,6 +102,13 @@ def _tree_where_clients(mask: jax.Array, tree: PyTree) -> PyTree:
                             jnp.zeros((), u.dtype)), tree)
 
 
+def split_round_key(round_key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(sampling key, client key)`` of a round; client c trains with
+    ``jax.random.fold_in(client_key, client_id)``."""
+    sample_key, client_key = jax.random.split(round_key)
+    return sample_key, client_key
+
+
 def _weighted_client_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
     total = jnp.sum(weights)
     return jnp.sum(jnp.where(weights > 0, values, 0.0) * weights) / jnp.maximum(total, 1e-12)
@@ -146,7 +153,7 @@ def make_round(model: Model, algorithm: FederatedAlgorithm, sampler: Sampler, *,
                            client_states=client_states, round=jnp.zeros((), jnp.int32))
 
     def step(state: ServerState, population: Population, round_key: jax.Array):
-        sample_key, client_key = jax.random.split(round_key)
+        sample_key, client_key = split_round_key(round_key)
         cohort = sampler.sample(sample_key)
         ids, mask = pad_cohort(cohort.ids, cohort.mask, devices)
         ids = jnp.where(mask, ids, -1)
@@ -180,7 +187,7 @@ def make_round(model: Model, algorithm: FederatedAlgorithm, sampler: Sampler, *,
             "num_examples": jnp.sum(examples),
             "num_nonfinite": jnp.sum(mask & ~out.finite).astype(jnp.int32),
             "overflow": cohort.overflow,
-            "update_norm": optax.global_norm(aggregate),
+            "update_norm": optax.tree.norm(aggregate),
         }
         new_state = ServerState(params=params, opt_state=opt_state,
                                 transform_state=transform_state,

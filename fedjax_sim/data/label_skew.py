@@ -79,8 +79,10 @@ class ProceduralLabelSkew:
     def _examples(self, stream: int, client_id: jax.Array, n: int):
         key = jax.random.fold_in(self._key(stream), client_id)
         k_y, k_x = jax.random.split(key)
-        logits = jnp.log(jnp.maximum(self.label_proportions(client_id), 1e-30))
-        y = jax.random.categorical(k_y, logits, shape=(n,)).astype(jnp.int32)
+        cdf = jnp.cumsum(self.label_proportions(client_id))
+        u = jax.random.uniform(k_y, (n,)) * cdf[-1]
+        y = jnp.minimum(jnp.sum(u[:, None] >= cdf[None, :], axis=1),
+                        self.num_classes - 1).astype(jnp.int32)
         x = self.class_means()[y] + jax.random.normal(k_x, (n, self.dim))
         return x, y
 

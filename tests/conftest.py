@@ -1,0 +1,33 @@
+"""Shared test setup: CPU only, strict dtype promotion off-by-default is kept, small sizes."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from fedjax_sim.data.federated import make_federated_data  # noqa: E402
+
+
+def random_federated(num_clients=12, max_examples=9, dim=5, num_classes=3, *, seed=0,
+                     min_count=0):
+    """A small random FederatedData with ragged counts (some clients may be empty)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(num_clients, max_examples, dim)).astype(np.float32)
+    w = rng.normal(size=(dim, num_classes))
+    y = (x @ w).argmax(-1)
+    counts = rng.integers(min_count, max_examples + 1, size=num_clients)
+    return make_federated_data(x, y, counts, num_classes=num_classes)
+
+
+@pytest.fixture
+def small_data():
+    return random_federated()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_x64():
+    assert not jax.config.jax_enable_x64
+    yield
