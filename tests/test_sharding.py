@@ -1,0 +1,58 @@
+"""The cohort sharded over 4 fake CPU devices gives the single-device result."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent("""
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from fedjax_sim.algorithms import make_algorithm
+    from fedjax_sim.cohort import client_mesh
+    from fedjax_sim.data.label_skew import procedural_label_skew
+    from fedjax_sim.models import make_model
+    from fedjax_sim.rounds import make_round
+    from fedjax_sim.sampling import FixedSizeSampler, PoissonSampler
+
+    assert jax.device_count() == 4, jax.devices()
+    pop = procedural_label_skew(500, alpha=0.5, seed=3, dim=8, num_classes=4,
+                                max_examples=12, min_examples=2)
+    model = make_model("mlp", (8,), 4, hidden=(16,))
+    alg = make_algorithm("fedadam", client_lr=0.1, local_epochs=2, batch_size=4)
+    results = {}
+    for name, sampler in (("fixed", FixedSizeSampler(500, 30)),
+                          ("poisson", PoissonSampler(500, 0.05))):
+        params = {}
+        for mesh in (None, client_mesh()):
+            fr = make_round(model, alg, sampler, max_examples=12, chunk_size=3, mesh=mesh)
+            state = fr.init(jax.random.key(0))
+            for r in range(3):
+                state, out = fr.step(state, pop, jax.random.key(r))
+            params["sharded" if mesh else "single"] = state.params
+            if mesh is not None:
+                leaf = jax.tree.leaves(out.client_metrics)[0]
+                results[name + "_num_shards"] = len(leaf.sharding.device_set)
+                results[name + "_capacity"] = fr.cohort_capacity
+        diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
+                             params["single"], params["sharded"])
+        results[name] = max(jax.tree.leaves(diffs))
+    print(json.dumps(results))
+""")
+
+
+@pytest.mark.slow
+def test_sharded_round_equals_single_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["fixed_num_shards"] == 4
+    assert res["fixed_capacity"] % 4 == 0 and res["poisson_capacity"] % 4 == 0
+    assert res["fixed"] < 1e-5, res
+    assert res["poisson"] < 1e-5, res
