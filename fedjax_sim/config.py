@@ -9,6 +9,7 @@ names of :class:`ExperimentConfig`; an unknown key is an error naming it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import tomllib
 import typing
 from typing import Any, Mapping
@@ -217,8 +218,7 @@ def make_config(overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
     values: dict[str, Any] = {}
     for name, value in (overrides or {}).items():
         if name not in FIELDS:
-            close = [f for f in FIELDS if f.replace("_", "") == name.replace("_", "")
-                     .replace("-", "")]
+            close = difflib.get_close_matches(name.replace("-", "_"), FIELDS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown config key {name!r}{hint}")
         values[name] = _coerce(name, value)

@@ -109,12 +109,12 @@ def build_data(cfg: ExperimentConfig) -> ExperimentData:
     from fedjax_sim.data import io
 
     loader = io.load_npz if cfg.data == "npz" else io.load_leaf
-    train = loader(cfg.data_path)
+    train = loader(cfg.data_path).data
     if train.num_clients != cfg.num_clients:
         fail("num_clients", cfg.num_clients,
              f"does not match the {train.num_clients} clients in data_path={cfg.data_path!r}")
     if cfg.test_path:
-        test = loader(cfg.test_path)
+        test = loader(cfg.test_path).data
         if test.num_clients != train.num_clients:
             fail("test_path", cfg.test_path,
                  f"holds {test.num_clients} clients, training data {train.num_clients}")

@@ -104,7 +104,7 @@ class FederatedData:
     def client(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The real (unpadded) examples of client ``k`` as NumPy arrays."""
         n = int(self.counts[k])
-        return np.asarray(self.x[k, :n]), np.asarray(self.y[k, :n])
+        return np.asarray(self.x[k])[:n], np.asarray(self.y[k])[:n]
 
     def pooled(self) -> tuple[np.ndarray, np.ndarray]:
         """All real examples of all clients, concatenated (a centralised view)."""
