@@ -89,11 +89,11 @@ def _tree_finite(tree: PyTree) -> jax.Array:
 def epoch_order(key: jax.Array, mask: jax.Array) -> jax.Array:
     """A random order of the example slots with every real example before any padding.
 
-    Slot i's sort key is drawn from ``fold_in(key, i)``, so the order of the real
-    examples does not depend on how much padding follows them.
+    Slot i's sort key is the i-th draw of ``uniform(key, (N,))``; with JAX's
+    partitionable threefry (the default since JAX 0.5) that draw depends on i alone, not
+    on N, so the order of the real examples does not depend on how much padding follows.
     """
-    u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(
-        jnp.arange(mask.shape[0]))
+    u = jax.random.uniform(key, mask.shape)
     return jnp.argsort(jnp.where(mask, u, 2.0))
 
 

@@ -72,7 +72,7 @@ class ExperimentConfig:
     rounds: int = 60
     eval_every: int = 1
     # Engine.
-    chunk_size: int = 1024
+    chunk_size: int = 0  # 0: chosen from the model size (cohort.default_chunk_size)
     num_devices: int = 1
     seed: int = 0
 
@@ -121,7 +121,7 @@ class ExperimentConfig:
                     min_exclusive=True)
         check_int("rounds", self.rounds, min_value=1)
         check_int("eval_every", self.eval_every, min_value=1)
-        check_int("chunk_size", self.chunk_size, min_value=1)
+        check_int("chunk_size", self.chunk_size, min_value=0)
         check_int("num_devices", self.num_devices, min_value=0)
         check_int("seed", self.seed, min_value=0, max_value=2**32 - 1)
 

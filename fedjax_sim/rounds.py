@@ -9,6 +9,8 @@ Data flow (every step is inside the jitted function; nothing goes back to the ho
     ──▶ ClientOutput: delta [M, ...], weight [M], metrics [M], finite [M]
     ──▶ non-finite updates are dropped from the mask and counted (never averaged in)
     ──▶ server transform chain (clip → reduce → noise ...) ──▶ aggregate delta
+        (sum-type chains are reduced chunk by chunk inside the cohort map, so the
+        cohort's stacked deltas never exist; robust reducers get them all at once)
     ──▶ server optimiser (plain optax) on the pseudo-gradient -aggregate ──▶ new params
 
 The round compiles once per configuration: every shape is static (the cohort is padded
@@ -34,7 +36,8 @@ from jax.sharding import Mesh
 from fedjax_sim._validation import check_int
 from fedjax_sim.algorithms import FederatedAlgorithm
 from fedjax_sim.client_update import ClientUpdateFn, make_client_update
-from fedjax_sim.cohort import map_cohort, mesh_size, pad_cohort
+from fedjax_sim.cohort import (default_chunk_size, map_cohort, map_reduce_cohort, mesh_size,
+                               pad_cohort, zero_clients)
 from fedjax_sim.data.federated import Population
 from fedjax_sim.models import Model
 from fedjax_sim.sampling import Sampler
@@ -93,13 +96,7 @@ class FederatedRound:
     step_unjitted: Callable[[ServerState, Population, jax.Array],
                             tuple[ServerState, RoundOutput]]
     cohort_capacity: int
-
-
-def _tree_where_clients(mask: jax.Array, tree: PyTree) -> PyTree:
-    """Zeroes the entries of clients with ``mask`` False (NaN-safe: a select, not a product)."""
-    return jax.tree.map(
-        lambda u: jnp.where(mask.reshape(mask.shape + (1,) * (u.ndim - 1)), u,
-                            jnp.zeros((), u.dtype)), tree)
+    chunk_size: int
 
 
 def split_round_key(round_key: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -115,7 +112,7 @@ def _weighted_client_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
 
 
 def make_round(model: Model, algorithm: FederatedAlgorithm, sampler: Sampler, *,
-               max_examples: int, chunk_size: int = 256, mesh: Mesh | None = None,
+               max_examples: int, chunk_size: int | None = None, mesh: Mesh | None = None,
                client_update: ClientUpdateFn | None = None,
                client_state_init: Callable[[PyTree, int], PyTree] | None = None
                ) -> FederatedRound:
@@ -126,7 +123,8 @@ def make_round(model: Model, algorithm: FederatedAlgorithm, sampler: Sampler, *,
       algorithm: client config, server transform chain and server optimiser.
       sampler: picks each round's cohort.
       max_examples: padded number of examples per client of the population.
-      chunk_size: clients vectorised together (memory grows with it).
+      chunk_size: clients vectorised together (memory grows with it); None picks
+        :func:`~fedjax_sim.cohort.default_chunk_size` for the model's size.
       mesh: optional mesh with a ``clients`` axis to shard the cohort over devices.
       client_update: override of the one-client function (e.g. a poisoning client that
         switches on ``data.client_id``); default the algorithm's honest local training.
@@ -136,8 +134,11 @@ def make_round(model: Model, algorithm: FederatedAlgorithm, sampler: Sampler, *,
     Returns:
       The :class:`FederatedRound`.
     """
-    check_int("chunk_size", chunk_size, min_value=1)
     check_int("max_examples", max_examples, min_value=1)
+    if chunk_size is None:
+        num_params = model.num_params(jax.eval_shape(model.init, jax.random.key(0)))
+        chunk_size = default_chunk_size(num_params, sampler.capacity)
+    check_int("chunk_size", chunk_size, min_value=1)
     client_fn = client_update or make_client_update(model, algorithm.client, max_examples)
     transform = algorithm.server_transform
     server_opt = algorithm.server_optimizer
@@ -161,14 +162,23 @@ def make_round(model: Model, algorithm: FederatedAlgorithm, sampler: Sampler, *,
         safe_ids = jnp.where(mask, ids, 0)
         states = jax.tree.map(lambda s: s[safe_ids], state.client_states)
 
-        out = map_cohort(client_fn, state.params, population, ids, keys, states,
-                         chunk_size=chunk_size, mesh=mesh)
-
-        ok = mask & out.finite
-        weights = jnp.where(ok, out.weight, 0.0).astype(jnp.float32)
-        cohort_updates = CohortUpdates(updates=_tree_where_clients(ok, out.delta),
-                                       weights=weights, mask=ok)
-        aggregate, transform_state = transform.update(cohort_updates, state.transform_state)
+        if transform.streaming is not None:  # Reduce chunk by chunk: O(chunk) memory.
+            total, out = map_reduce_cohort(
+                client_fn, lambda chunk: transform.streaming.partial(
+                    chunk, state.transform_state), state.params, population, ids, keys,
+                mask, states, chunk_size=chunk_size, mesh=mesh)
+            aggregate, transform_state = transform.streaming.finalize(
+                total, state.transform_state)
+            ok = mask & out.finite
+        else:  # Robust reducers need every update at once: [C, ...] stacked deltas.
+            out = map_cohort(client_fn, state.params, population, ids, keys, states,
+                             chunk_size=chunk_size, mesh=mesh)
+            ok = mask & out.finite
+            weights = jnp.where(ok, out.weight, 0.0).astype(jnp.float32)
+            cohort_updates = CohortUpdates(updates=zero_clients(ok, out.delta),
+                                           weights=weights, mask=ok)
+            aggregate, transform_state = transform.update(cohort_updates,
+                                                          state.transform_state)
         pseudo_grad = jax.tree.map(jnp.negative, aggregate)
         updates, opt_state = server_opt.update(pseudo_grad, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -196,4 +206,4 @@ def make_round(model: Model, algorithm: FederatedAlgorithm, sampler: Sampler, *,
         return new_state, RoundOutput(metrics, ids, client_metrics)
 
     return FederatedRound(init=init, step=jax.jit(step), step_unjitted=step,
-                          cohort_capacity=capacity)
+                          cohort_capacity=capacity, chunk_size=chunk_size)

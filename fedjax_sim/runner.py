@@ -192,7 +192,7 @@ def run_experiment(cfg: ExperimentConfig, *, output_dir: str | None = None,
         weighting=cfg.weighting)
     sampler = _make_sampler(cfg, pop.num_clients)
     fed_round = make_round(model, algorithm, sampler, max_examples=pop.max_examples,
-                           chunk_size=cfg.chunk_size, mesh=_mesh(cfg))
+                           chunk_size=cfg.chunk_size or None, mesh=_mesh(cfg))
     base_key = jax.random.key(cfg.seed)
     init_key, rounds_key = jax.random.split(base_key)
     state = fed_round.init(init_key)
@@ -209,7 +209,8 @@ def run_experiment(cfg: ExperimentConfig, *, output_dir: str | None = None,
             return {"test_loss": m["loss"], "test_accuracy": m["accuracy"]}
     else:
         def evaluate(params):
-            m = evaluate_clients(model, params, data.test_clients, chunk_size=cfg.chunk_size)
+            m = evaluate_clients(model, params, data.test_clients,
+                                 chunk_size=fed_round.chunk_size)
             return {"test_loss": m["loss_example_weighted"],
                     "test_accuracy": m["accuracy_example_weighted"],
                     "test_accuracy_client_averaged": m["accuracy_client_averaged"]}
@@ -280,6 +281,7 @@ def run_experiment(cfg: ExperimentConfig, *, output_dir: str | None = None,
         "total_seconds": time.perf_counter() - t_start,
         "population": pop.num_clients,
         "cohort_capacity": fed_round.cohort_capacity,
+        "chunk_size": fed_round.chunk_size,
         "num_params": model.num_params(state.params),
         "backend": jax.default_backend(),
         "devices": len(jax.devices()) if cfg.num_devices == 0 else cfg.num_devices,

@@ -14,6 +14,8 @@ from fedjax_sim.data.federated import ClientData
 from fedjax_sim.models import make_model
 from fedjax_sim.rounds import make_round, split_round_key
 from fedjax_sim.sampling import FixedSizeSampler, PoissonSampler
+from fedjax_sim.server import (adaptive_clip, chain, clip_per_client, coordinate_median,
+                               dp_mean_normalize, sum_updates, weighted_mean)
 
 from conftest import random_federated
 
@@ -201,3 +203,33 @@ def test_map_cohort_chunking_matches_vmap():
     assert isinstance(chunked, ClientOutput)
     chex.assert_trees_all_close(full.delta, chunked.delta, atol=1e-6)
     chex.assert_trees_all_close(full.weight, chunked.weight)
+
+
+@pytest.mark.parametrize("make_transform", [
+    lambda: weighted_mean(),
+    lambda: chain(clip_per_client(0.05), sum_updates(), dp_mean_normalize(7.0)),
+])
+def test_streaming_reduction_equals_stacked_reduction(make_transform):
+    """Chunk-by-chunk reduction gives the aggregate of the stacked [C, ...] path."""
+    data = random_federated(num_clients=20, max_examples=6, min_count=1, seed=15)
+    model = make_model("mlp", (5,), 3, hidden=(4,))
+    streaming = make_transform()
+    assert streaming.streaming is not None
+    stacked = streaming._replace(streaming=None)
+    params = []
+    for transform in (streaming, stacked):
+        alg = make_algorithm("fedavgm", client_lr=0.2, batch_size=2,
+                             server_transform=transform)
+        fr = make_round(model, alg, FixedSizeSampler(20, 7), max_examples=6, chunk_size=3)
+        state = fr.init(jax.random.key(0))
+        for r in range(2):
+            state, _ = fr.step(state, data, jax.random.key(r))
+        params.append(state.params)
+    chex.assert_trees_all_close(params[0], params[1], atol=1e-6)
+
+
+def test_chain_streams_only_after_per_client_transforms():
+    assert chain(clip_per_client(1.0), weighted_mean()).streaming is not None
+    assert chain(coordinate_median()).streaming is None
+    assert chain(adaptive_clip(1.0, 0.5, 0.2, 0.1, key=jax.random.key(0)),
+                 sum_updates()).streaming is None

@@ -17,15 +17,19 @@ SCRIPT = textwrap.dedent("""
     from fedjax_sim.models import make_model
     from fedjax_sim.rounds import make_round
     from fedjax_sim.sampling import FixedSizeSampler, PoissonSampler
+    from fedjax_sim.server import coordinate_median
 
     assert jax.device_count() == 4, jax.devices()
     pop = procedural_label_skew(500, alpha=0.5, seed=3, dim=8, num_classes=4,
                                 max_examples=12, min_examples=2)
     model = make_model("mlp", (8,), 4, hidden=(16,))
-    alg = make_algorithm("fedadam", client_lr=0.1, local_epochs=2, batch_size=4)
     results = {}
-    for name, sampler in (("fixed", FixedSizeSampler(500, 30)),
-                          ("poisson", PoissonSampler(500, 0.05))):
+    for name, sampler, transform in (
+            ("fixed", FixedSizeSampler(500, 30), None),
+            ("poisson", PoissonSampler(500, 0.05), None),
+            ("median", FixedSizeSampler(500, 30), coordinate_median())):
+        alg = make_algorithm("fedadam", client_lr=0.1, local_epochs=2, batch_size=4,
+                             server_transform=transform)
         params = {}
         for mesh in (None, client_mesh()):
             fr = make_round(model, alg, sampler, max_examples=12, chunk_size=3, mesh=mesh)
@@ -56,3 +60,4 @@ def test_sharded_round_equals_single_device():
     assert res["fixed_capacity"] % 4 == 0 and res["poisson_capacity"] % 4 == 0
     assert res["fixed"] < 1e-5, res
     assert res["poisson"] < 1e-5, res
+    assert res["median"] < 1e-5, res

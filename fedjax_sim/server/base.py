@@ -21,6 +21,16 @@ Transforms may also report host-visible information through ``info``: a static m
 (e.g. the clip norm and the noise multiplier a DP accountant needs) so that the privacy
 ledger is fed from what ran rather than from numbers typed twice.
 
+Streaming. A reducer whose result is a sum over clients (weighted mean, sum) can also be
+computed chunk by chunk, so that the cohort's stacked updates ``[C, params]`` never exist
+in memory. Such a transform carries a :class:`StreamingReducer`: ``partial(chunk, state)``
+is a chunk's additive contribution and ``finalize(total, state)`` turns the sum of all
+contributions into ``(aggregate, new_state)``. ``chain`` streams when every transform
+before the first streaming reducer is marked ``info["per_client"] = True`` (it acts on each
+client alone and keeps its state unchanged, like clipping) -- those then run inside each
+chunk -- and the transforms after it act on the aggregate. The round uses the streaming
+path whenever the chain offers one; both paths compute the same aggregate.
+
 The result of the chain is a *delta* (new params minus old, in the clients' direction);
 the round negates it into a pseudo-gradient for a plain optax server optimiser.
 """
@@ -61,6 +71,20 @@ class ServerTransform(NamedTuple):
     init: Callable[[PyTree], PyTree]
     update: Callable[[Any, PyTree], tuple[Any, PyTree]]
     info: Mapping[str, Any] = {}
+    streaming: "StreamingReducer | None" = None
+
+
+class StreamingReducer(NamedTuple):
+    """The chunked form of a sum-type reducer (see module docstring).
+
+    Attributes:
+      partial: ``(chunk: CohortUpdates, state) -> contribution`` (a pytree that is summed
+        over chunks and devices).
+      finalize: ``(total_contribution, state) -> (aggregate, new_state)``.
+    """
+
+    partial: Callable[[CohortUpdates, PyTree], PyTree]
+    finalize: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]]
 
 
 def chain(*transforms: ServerTransform) -> ServerTransform:
@@ -78,7 +102,31 @@ def chain(*transforms: ServerTransform) -> ServerTransform:
             new_states.append(s)
         return value, tuple(new_states)
 
-    return ServerTransform(init, update, {"chain": tuple(dict(t.info) for t in transforms)})
+    return ServerTransform(init, update, {"chain": tuple(dict(t.info) for t in transforms)},
+                           _chain_streaming(transforms))
+
+
+def _chain_streaming(transforms: tuple[ServerTransform, ...]) -> StreamingReducer | None:
+    """The streaming form of a chain, when its structure allows one (else None)."""
+    first = next((i for i, t in enumerate(transforms) if t.streaming is not None), None)
+    if first is None or not all(t.info.get("per_client") for t in transforms[:first]):
+        return None
+    reducer = transforms[first].streaming
+
+    def partial(chunk, state):
+        for t, s in zip(transforms[:first], state[:first]):
+            chunk, _ = t.update(chunk, s)
+        return reducer.partial(chunk, state[first])
+
+    def finalize(total, state):
+        value, s = reducer.finalize(total, state[first])
+        new_states = list(state[:first]) + [s]
+        for t, s in zip(transforms[first + 1:], state[first + 1:]):
+            value, s = t.update(value, s)
+            new_states.append(s)
+        return value, tuple(new_states)
+
+    return StreamingReducer(partial, finalize)
 
 
 def is_cohort(value: Any) -> bool:
@@ -130,15 +178,23 @@ def weighted_mean() -> ServerTransform:
         del params
         return ()
 
+    def partial(chunk, state):
+        del state
+        w = masked_weights(chunk)
+        return weighted_sum(chunk.updates, w), jnp.sum(w)
+
+    def finalize(total, state):
+        summed, weight = total
+        scale = jnp.where(weight > 0, 1.0 / jnp.where(weight > 0, weight, 1.0), 0.0)
+        return jax.tree.map(lambda s: s * scale.astype(s.dtype), summed), state
+
     def update(value, state):
         if not is_cohort(value):
             raise TypeError("weighted_mean: expects CohortUpdates (it reduces the cohort axis)")
-        w = masked_weights(value)
-        total = jnp.sum(w)
-        scale = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
-        return weighted_sum(value.updates, w * scale), state
+        return finalize(partial(value, state), state)
 
-    return ServerTransform(init, update, {"name": "weighted_mean"})
+    return ServerTransform(init, update, {"name": "weighted_mean"},
+                           StreamingReducer(partial, finalize))
 
 
 def zero_masked(cohort: CohortUpdates) -> CohortUpdates:

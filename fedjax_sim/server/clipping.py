@@ -92,7 +92,8 @@ def clip_per_client(clip_norm: float) -> ServerTransform:
         return clip_cohort(zero_masked(value), s), state
 
     return ServerTransform(init, update,
-                           {"name": "clip_per_client", "clip_norm": s, "sensitivity": s})
+                           {"name": "clip_per_client", "clip_norm": s, "sensitivity": s,
+                            "per_client": True})
 
 
 def zero_above_norm(max_norm: float) -> ServerTransform:

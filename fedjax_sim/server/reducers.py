@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from fedjax_sim._validation import check_float, check_int
-from fedjax_sim.server.base import (CohortUpdates, ServerTransform, cohort_size, is_cohort,
-                                    weighted_sum, zero_masked)
+from fedjax_sim.server.base import (CohortUpdates, ServerTransform, StreamingReducer,
+                                    cohort_size, is_cohort, weighted_sum, zero_masked)
 
 PyTree = Any
 
@@ -56,7 +56,8 @@ def sorted_at(s: jax.Array, index: jax.Array) -> jax.Array:
     return lax.dynamic_index_in_dim(s, index, axis=0, keepdims=False)
 
 
-def _stateless(name: str, reduce_fn, info: dict | None = None) -> ServerTransform:
+def _stateless(name: str, reduce_fn, info: dict | None = None,
+               streaming: StreamingReducer | None = None) -> ServerTransform:
     def init(params):
         del params
         return ()
@@ -65,7 +66,7 @@ def _stateless(name: str, reduce_fn, info: dict | None = None) -> ServerTransfor
         require_cohort_reducer(name, value)
         return reduce_fn(zero_masked(value)), state
 
-    return ServerTransform(init, update, {"name": name, **(info or {})})
+    return ServerTransform(init, update, {"name": name, **(info or {})}, streaming)
 
 
 def sum_updates(weighted: bool = False) -> ServerTransform:
@@ -86,7 +87,9 @@ def sum_updates(weighted: bool = False) -> ServerTransform:
         a = cohort.weights if weighted else cohort.mask.astype(jnp.float32)
         return weighted_sum(cohort.updates, a)
 
-    return _stateless("sum_updates", reduce_fn, {"weighted": bool(weighted)})
+    streaming = StreamingReducer(lambda chunk, state: reduce_fn(zero_masked(chunk)),
+                                 lambda total, state: (total, state))
+    return _stateless("sum_updates", reduce_fn, {"weighted": bool(weighted)}, streaming)
 
 
 def unweighted_mean() -> ServerTransform:
@@ -100,7 +103,17 @@ def unweighted_mean() -> ServerTransform:
         a = cohort.mask.astype(jnp.float32) / jnp.maximum(n, 1.0)
         return weighted_sum(cohort.updates, a)
 
-    return _stateless("unweighted_mean", reduce_fn)
+    def partial(chunk, state):
+        chunk = zero_masked(chunk)
+        return (weighted_sum(chunk.updates, chunk.mask.astype(jnp.float32)),
+                num_valid(chunk).astype(jnp.float32))
+
+    def finalize(total, state):
+        summed, n = total
+        return jax.tree.map(lambda u: u / jnp.maximum(n, 1.0).astype(u.dtype), summed), state
+
+    return _stateless("unweighted_mean", reduce_fn, streaming=StreamingReducer(partial,
+                                                                               finalize))
 
 
 def coordinate_median() -> ServerTransform:

@@ -1,0 +1,173 @@
+"""Client-update throughput: the engine vs a per-client Python loop vs centralised training.
+
+For each workload (softmax regression, MLP) and cohort size, in one process:
+
+* ``engine``: one full jitted round (sampling, gathering, local training of every
+  client, weighted mean, server step) over a population of exactly ``cohort`` clients;
+* ``loop``: the same one-client update, jitted once, called in a Python loop over the
+  clients, the deltas summed by a jitted accumulator (what a simulator without
+  vectorisation does);
+* ``central_equiv``: the same examples and the same number of SGD steps trained as one
+  centralised model: each step takes the union of the cohort's local batches
+  (``cohort * batch_size`` examples), a scan of ``steps`` steps.
+
+Each client holds ``examples`` examples and runs one local epoch of batch ``batch_size``,
+so every method does the same forward/backward FLOPs. Prints one JSON record per line;
+compile times are reported apart from steady-state medians.
+
+Usage: python scripts/bench_throughput.py [--cohorts 100 1000 10000] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_sim.algorithms import make_algorithm
+from fedjax_sim.client_update import make_client_update
+from fedjax_sim.data.federated import ClientData, make_federated_data
+from fedjax_sim.models import make_model
+from fedjax_sim.rounds import make_round
+from fedjax_sim.sampling import FixedSizeSampler
+
+DIM, CLASSES = 60, 10
+
+
+def _timed(fn, repeats):
+    """Median wall time of ``fn()`` (which must block) over ``repeats`` calls."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make_population(cohort, examples, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(DIM, CLASSES))
+    x = rng.normal(size=(cohort, examples, DIM)).astype(np.float32)
+    y = (x @ w).argmax(-1)
+    return make_federated_data(x, y, np.full(cohort, examples), num_classes=CLASSES)
+
+
+def bench(workload, cohort, *, examples, batch_size, chunk_size, repeats, loop_clients):
+    model = make_model("softmax" if workload == "softmax" else "mlp", (DIM,), CLASSES,
+                       hidden=(200, 200))
+    data = make_population(cohort, examples)
+    alg = make_algorithm("fedavg", client_lr=0.05, local_epochs=1, batch_size=batch_size)
+    steps = -(-examples // batch_size)
+    record = {"workload": workload, "cohort": cohort, "examples_per_client": examples,
+              "batch_size": batch_size, "local_steps": steps, "chunk_size": chunk_size}
+
+    # Engine: a whole round.
+    fr = make_round(model, alg, FixedSizeSampler(cohort, cohort), max_examples=examples,
+                    chunk_size=chunk_size)
+    record["chunk_size"] = fr.chunk_size
+    state = fr.init(jax.random.key(0))
+    t0 = time.perf_counter()
+    step = fr.step.lower(state, data, jax.random.key(1)).compile()
+    record["engine_compile_s"] = time.perf_counter() - t0
+    holder = {"state": state, "r": 0}
+
+    def engine_round():
+        holder["r"] += 1
+        holder["state"], out = step(holder["state"], data, jax.random.key(holder["r"]))
+        jax.block_until_ready((holder["state"].params, out.metrics))
+
+    engine_round()
+    t_engine = _timed(engine_round, repeats)
+    record["engine_round_s"] = t_engine
+    record["engine_updates_per_s"] = cohort / t_engine
+
+    # Loop: the same one-client function, one jitted call per client.
+    update = jax.jit(make_client_update(model, alg.client, examples))
+    add = jax.jit(lambda acc, d, w: jax.tree.map(lambda a, b: a + w * b, acc, d))
+    params = state.params
+    n_loop = min(cohort, loop_clients)
+    mask = np.asarray(data.mask())
+    clients = [ClientData(x=data.x[k], y=data.y[k], mask=jnp.asarray(mask[k]),
+                          client_id=jnp.int32(k)) for k in range(n_loop)]
+    keys = jax.random.split(jax.random.key(2), n_loop)
+    t0 = time.perf_counter()
+    jax.block_until_ready(update(params, clients[0], keys[0]).delta)
+    record["loop_compile_s"] = time.perf_counter() - t0
+
+    def loop_round():
+        acc = jax.tree.map(jnp.zeros_like, params)
+        total = 0.0
+        for k in range(n_loop):
+            out = update(params, clients[k], keys[k])
+            acc = add(acc, out.delta, out.weight)
+            total += examples
+        jax.block_until_ready(acc)
+
+    loop_round()
+    t_loop = _timed(loop_round, max(1, repeats // 2)) * cohort / n_loop
+    record["loop_round_s"] = t_loop
+    record["loop_clients_timed"] = n_loop
+    record["loop_updates_per_s"] = cohort / t_loop
+
+    # Centralised equivalent: same examples, same number of steps, one model.
+    opt = optax.sgd(0.05)
+    xb = jnp.asarray(np.asarray(data.x)[:, :steps * batch_size].reshape(
+        cohort, steps, batch_size, DIM).transpose(1, 0, 2, 3).reshape(
+        steps, cohort * batch_size, DIM))
+    yb = jnp.asarray(np.asarray(data.y)[:, :steps * batch_size].reshape(
+        cohort, steps, batch_size).transpose(1, 0, 2).reshape(steps, cohort * batch_size))
+
+    @jax.jit
+    def central(params, xb, yb):
+        def one(carry, batch):
+            p, s = carry
+            g = jax.grad(lambda q: model.per_example_loss(q, *batch).mean())(p)
+            u, s = opt.update(g, s, p)
+            return (optax.apply_updates(p, u), s), None
+
+        (p, _), _ = jax.lax.scan(one, (params, opt.init(params)), (xb, yb))
+        return p
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(central(params, xb, yb))
+    record["central_compile_s"] = time.perf_counter() - t0
+    t_central = _timed(lambda: jax.block_until_ready(central(params, xb, yb)), repeats)
+    record["central_round_s"] = t_central
+    record["central_equiv_updates_per_s"] = cohort / t_central
+    record["engine_vs_loop"] = t_loop / t_engine
+    record["engine_vs_central_time"] = t_engine / t_central
+    return record
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workloads", nargs="+", default=["softmax", "mlp"])
+    p.add_argument("--cohorts", nargs="+", type=int, default=[100, 1000, 10000])
+    p.add_argument("--examples", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--chunk-size", type=int, default=0,
+                   help="clients vectorised together; 0 = default_chunk_size")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--loop-clients", type=int, default=1000,
+                   help="clients actually timed in the loop (extrapolated linearly)")
+    args = p.parse_args()
+    env = {"jax": jax.__version__, "backend": jax.default_backend(),
+           "device": str(jax.devices()[0].device_kind), "cpu": platform.processor() or
+           platform.machine(), "date": time.strftime("%Y-%m-%d")}
+    for workload in args.workloads:
+        for cohort in args.cohorts:
+            rec = bench(workload, cohort, examples=args.examples, batch_size=args.batch_size,
+                        chunk_size=args.chunk_size or None, repeats=args.repeats,
+                        loop_clients=args.loop_clients)
+            print(json.dumps(rec | env), flush=True)
+
+
+if __name__ == "__main__":
+    main()
