@@ -155,7 +155,7 @@ def make_round(model: Model, algorithm: FederatedAlgorithm, sampler: Sampler, *,
 
     def step(state: ServerState, population: Population, round_key: jax.Array):
         sample_key, client_key = split_round_key(round_key)
-        cohort = sampler.sample(sample_key)
+        cohort = sampler.sample(sample_key, state.round)
         ids, mask = pad_cohort(cohort.ids, cohort.mask, devices)
         ids = jnp.where(mask, ids, -1)
         keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(ids)

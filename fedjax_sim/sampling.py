@@ -18,6 +18,13 @@ memory, so sampling 1,000 of 10^7 clients never touches the other 9,999,000.
   breaks the exact Poisson law on which DP accounting relies, so the default capacity is
   the Binomial quantile at ``1 - 1e-10``: an overflow then has probability below 1e-10
   per round.
+* :class:`CyclicSampler` -- no randomness in who participates: round r takes the r-th
+  block of ``cohort_size`` clients of one fixed pseudo-random permutation, so every client
+  participates exactly once per pass over the population (the "each client once per
+  epoch" setting of DP-FTRL, and a full pass for throughput runs). There is no privacy
+  amplification by sampling.
+
+Every sampler has ``sample(key, round_index)``; only the cyclic sampler reads the round.
 """
 
 from __future__ import annotations
@@ -100,7 +107,8 @@ class FixedSizeSampler:
         return {"sampling": "fixed", "cohort_size": self.cohort_size,
                 "num_clients": self.num_clients}
 
-    def sample(self, key: jax.Array) -> Cohort:
+    def sample(self, key: jax.Array, round_index: jax.Array | None = None) -> Cohort:
+        del round_index
         ids = permute_indices(key, jnp.arange(self.cohort_size), self.num_clients)
         return Cohort(ids=ids, mask=jnp.ones((self.cohort_size,), bool),
                       overflow=jnp.zeros((), jnp.int32))
@@ -147,7 +155,8 @@ class PoissonSampler:
         """What a DP accountant needs: Poisson sampling with rate q."""
         return {"sampling": "poisson", "rate": self.rate, "num_clients": self.num_clients}
 
-    def sample(self, key: jax.Array) -> Cohort:
+    def sample(self, key: jax.Array, round_index: jax.Array | None = None) -> Cohort:
+        del round_index
         count_key, perm_key = jax.random.split(key)
         drawn = jax.random.binomial(count_key, self.num_clients, self.rate).astype(jnp.int32)
         kept = jnp.minimum(drawn, self.capacity)
@@ -157,4 +166,56 @@ class PoissonSampler:
         return Cohort(ids=jnp.where(mask, ids, -1), mask=mask, overflow=drawn - kept)
 
 
-Sampler = FixedSizeSampler | PoissonSampler
+@dataclasses.dataclass(frozen=True)
+class CyclicSampler:
+    """Round r trains clients ``perm[(r*m + i) mod N]`` for ``i < m``: disjoint blocks.
+
+    ``perm`` is a pseudo-random permutation of ``[0, N)`` fixed by ``seed``; when
+    ``cohort_size`` divides ``num_clients`` every client participates exactly once in
+    every ``N / m`` consecutive rounds.
+    """
+
+    num_clients: int
+    cohort_size: int
+    seed: int = 0
+
+    def __post_init__(self):
+        check_int("num_clients", self.num_clients, min_value=1, max_value=2**31 - 1)
+        check_int("cohort_size", self.cohort_size, min_value=1)
+        check_int("seed", self.seed, min_value=0, max_value=2**32 - 1)
+        if self.cohort_size > self.num_clients:
+            fail("cohort_size", self.cohort_size,
+                 f"exceeds the population size num_clients={self.num_clients}")
+        if self._period * self.cohort_size >= 2**31:
+            fail("cohort_size", self.cohort_size,
+                 f"with num_clients={self.num_clients} the block offsets overflow int32; "
+                 "choose a cohort size sharing a larger factor with num_clients")
+
+    @property
+    def _period(self) -> int:
+        """Rounds after which the block offsets repeat."""
+        return self.num_clients // math.gcd(self.num_clients, self.cohort_size)
+
+    @property
+    def capacity(self) -> int:
+        return self.cohort_size
+
+    @property
+    def privacy_sampling(self) -> dict:
+        """Deterministic participation: no amplification by sampling."""
+        return {"sampling": "cyclic", "cohort_size": self.cohort_size,
+                "num_clients": self.num_clients}
+
+    def sample(self, key: jax.Array, round_index: jax.Array | None = None) -> Cohort:
+        del key
+        if round_index is None:
+            raise ValueError("CyclicSampler.sample needs the round index")
+        n = self.num_clients
+        start = (jnp.asarray(round_index, jnp.int32) % self._period) * self.cohort_size % n
+        positions = (start + jnp.arange(self.cohort_size)) % n
+        ids = permute_indices(jax.random.key(self.seed), positions, n)
+        return Cohort(ids=ids, mask=jnp.ones((self.cohort_size,), bool),
+                      overflow=jnp.zeros((), jnp.int32))
+
+
+Sampler = FixedSizeSampler | PoissonSampler | CyclicSampler

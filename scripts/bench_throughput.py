@@ -33,6 +33,7 @@ import optax
 
 from fedjax_sim.algorithms import make_algorithm
 from fedjax_sim.client_update import make_client_update
+from fedjax_sim.cohort import client_mesh
 from fedjax_sim.data.federated import ClientData, make_federated_data
 from fedjax_sim.models import make_model
 from fedjax_sim.rounds import make_round
@@ -59,7 +60,8 @@ def make_population(cohort, examples, seed=0):
     return make_federated_data(x, y, np.full(cohort, examples), num_classes=CLASSES)
 
 
-def bench(workload, cohort, *, examples, batch_size, chunk_size, repeats, loop_clients):
+def bench(workload, cohort, *, examples, batch_size, chunk_size, repeats, loop_clients,
+          mesh=None):
     model = make_model("softmax" if workload == "softmax" else "mlp", (DIM,), CLASSES,
                        hidden=(200, 200))
     data = make_population(cohort, examples)
@@ -70,8 +72,9 @@ def bench(workload, cohort, *, examples, batch_size, chunk_size, repeats, loop_c
 
     # Engine: a whole round.
     fr = make_round(model, alg, FixedSizeSampler(cohort, cohort), max_examples=examples,
-                    chunk_size=chunk_size)
+                    chunk_size=chunk_size, mesh=mesh)
     record["chunk_size"] = fr.chunk_size
+    record["engine_devices"] = 1 if mesh is None else mesh.size
     state = fr.init(jax.random.key(0))
     t0 = time.perf_counter()
     step = fr.step.lower(state, data, jax.random.key(1)).compile()
@@ -155,17 +158,21 @@ def main():
     p.add_argument("--chunk-size", type=int, default=0,
                    help="clients vectorised together; 0 = default_chunk_size")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--devices", type=int, default=1,
+                   help="shard the engine's cohort over this many local devices (on CPU, "
+                        "set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     p.add_argument("--loop-clients", type=int, default=1000,
                    help="clients actually timed in the loop (extrapolated linearly)")
     args = p.parse_args()
     env = {"jax": jax.__version__, "backend": jax.default_backend(),
            "device": str(jax.devices()[0].device_kind), "cpu": platform.processor() or
            platform.machine(), "date": time.strftime("%Y-%m-%d")}
+    mesh = None if args.devices == 1 else client_mesh(jax.devices()[:args.devices])
     for workload in args.workloads:
         for cohort in args.cohorts:
             rec = bench(workload, cohort, examples=args.examples, batch_size=args.batch_size,
                         chunk_size=args.chunk_size or None, repeats=args.repeats,
-                        loop_clients=args.loop_clients)
+                        loop_clients=args.loop_clients, mesh=mesh)
             print(json.dumps(rec | env), flush=True)
 
 

@@ -7,7 +7,8 @@ import pytest
 from scipy import stats
 
 from fedjax_sim._validation import ConfigError
-from fedjax_sim.sampling import (FixedSizeSampler, PoissonSampler, default_poisson_capacity,
+from fedjax_sim.sampling import (CyclicSampler, FixedSizeSampler, PoissonSampler,
+                                 default_poisson_capacity,
                                  permute_indices)
 
 
@@ -90,3 +91,22 @@ def test_default_capacity_tail():
 def test_validation(make, field):
     with pytest.raises(ConfigError, match=field):
         make()
+
+
+def test_cyclic_sampler_covers_the_population_once_per_pass():
+    sampler = CyclicSampler(1000, 250, seed=3)
+    sample = jax.jit(sampler.sample)
+    ids = np.concatenate([np.asarray(sample(jax.random.key(r), r).ids) for r in range(8)])
+    assert sorted(ids[:1000].tolist()) == list(range(1000))
+    np.testing.assert_array_equal(ids[:1000], ids[1000:])
+    # Not simply 0..999 in order: the blocks come from a permutation.
+    assert not np.array_equal(ids[:1000], np.arange(1000))
+
+
+def test_cyclic_sampler_non_dividing_cohort_wraps_around():
+    sampler = CyclicSampler(10, 4)
+    ids = [np.asarray(sampler.sample(jax.random.key(0), r).ids) for r in range(5)]
+    flat = np.concatenate(ids)  # 20 draws = 2 full passes
+    assert np.all(np.bincount(flat, minlength=10) == 2)
+    with pytest.raises(ConfigError, match="cohort_size"):
+        CyclicSampler(2**31 - 1, 3)
