@@ -82,7 +82,7 @@ def _ids_round(ids, mask):
         capacity = len(ids)
 
         @staticmethod
-        def sample(key):
+        def sample(key, round_index=None):
             from fedjax_sim.sampling import Cohort
             return Cohort(ids=jnp.asarray(ids, jnp.int32), mask=jnp.asarray(mask),
                           overflow=jnp.int32(0))
