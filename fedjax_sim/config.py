@@ -2,8 +2,31 @@
 
 A configuration comes from defaults, then an optional TOML file, then command-line
 flags (each later source overrides the earlier). TOML files may be flat or grouped in
-tables (``[data]``, ``[algorithm]``, ...): table names are ignored, keys must be field
-names of :class:`ExperimentConfig`; an unknown key is an error naming it.
+tables (``[data]``, ``[algorithm]``, ``[server]``, ...): table names are ignored, keys
+must be field names of :class:`ExperimentConfig`; an unknown key is an error naming it.
+
+Server aggregation and differential privacy (the ``[server]`` fields; the chain they
+build is assembled by :mod:`fedjax_sim.server_config`):
+
+* ``aggregator``: ``"mean"`` (default; FedAvg's weighted mean), ``"dp_fedavg"`` (McMahan
+  et al. 2018: clip each client to ``clip_norm``, sum, add ``N(0, (z clip_norm)^2)``,
+  divide by the *expected* cohort size), or a robust reducer: ``"median"``,
+  ``"trimmed_mean"``, ``"krum"``, ``"multi_krum"``, ``"bulyan"``, ``"geometric_median"``,
+  ``"centered_clipping"``.
+* ``clip_norm`` (0 = off) clips every client's update before any aggregator;
+  ``adaptive_clipping`` makes it the initial norm of quantile-tracking clipping (Andrew
+  et al. 2021) with ``target_quantile`` and ``clip_learning_rate``.
+* DP is on when ``aggregator="dp_fedavg"`` and ``noise_multiplier > 0`` or
+  ``target_epsilon > 0`` (then z is calibrated for ``rounds`` rounds of the configured
+  sampling at ``delta``). ``delta = 0`` means ``num_clients ** -1.1`` (strictly below
+  1/N, as recommended by Ponomareva et al. 2023, "How to DP-fy ML"). ``accountant`` is
+  ``"rdp"`` or ``"pld"`` (PLD needs Poisson sampling).
+
+Decided on purpose (each is a one-line ConfigError naming the field and value): DP noise
+only with ``dp_fedavg`` (robust reducers are not sums, so the Gaussian mechanism's
+sensitivity analysis does not cover them); DP-FedAvg weights every client 1 (the
+default ``weighting="auto"`` resolves to ``"uniform"`` there; explicit ``"examples"`` is
+an error, since example weights would scale the sensitivity by the largest client).
 """
 
 from __future__ import annotations
@@ -22,6 +45,13 @@ from fedjax_sim.models import MODEL_NAMES
 DATA_SOURCES = ("label_skew", "synthetic", "synthetic_materialized", "digits", "npz", "leaf")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity")
 SAMPLINGS = ("fixed", "poisson")
+WEIGHTINGS = ("auto", "examples", "uniform")
+AGGREGATORS = ("mean", "dp_fedavg", "median", "trimmed_mean", "krum", "multi_krum",
+               "bulyan", "geometric_median", "centered_clipping")
+ACCOUNTANTS = ("rdp", "pld")
+# Byzantine-tolerant reducers that take ``num_byzantine`` and their cohort requirement
+# ``cohort >= factor * f + 3`` (Blanchard et al. 2017; El Mhamdi et al. 2018).
+BYZANTINE_FACTOR = {"krum": 2, "multi_krum": 2, "bulyan": 4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,13 +94,29 @@ class ExperimentConfig:
     adaptivity: float = 1e-3
     prox_mu: float = 0.0  # fedprox only; 0 there means its default 0.01
     client_momentum: float = 0.0
-    weighting: str = "examples"
+    weighting: str = "auto"  # auto: "uniform" for dp_fedavg, else "examples"
     # Sampling and rounds.
     sampling: str = "fixed"
     cohort_size: int = 1000
     sampling_rate: float = 0.1
     rounds: int = 60
     eval_every: int = 1
+    # Server aggregation, clipping, compression and differential privacy.
+    aggregator: str = "mean"
+    clip_norm: float = 0.0  # 0: no clipping (dp_fedavg needs > 0)
+    adaptive_clipping: bool = False  # clip_norm is then the initial clip norm
+    target_quantile: float = 0.5  # adaptive clipping's target quantile of update norms
+    clip_learning_rate: float = 0.2  # adaptive clipping's geometric step
+    noise_multiplier: float = 0.0  # 0: no noise; noise std / clip_norm (dp_fedavg)
+    target_epsilon: float = 0.0  # 0: off; else calibrate noise_multiplier for `rounds`
+    delta: float = 0.0  # 0: num_clients ** -1.1
+    accountant: str = "rdp"
+    num_byzantine: int = 0  # f assumed by krum, multi_krum, bulyan
+    trim_fraction: float = 0.1  # trimmed_mean: fraction cut from each side
+    multi_krum_selected: int = 0  # multi_krum: 0 means cohort - num_byzantine
+    centered_clipping_tau: float = 1.0  # centered_clipping radius
+    quantize_bits: int = 0  # 0: off; stochastic uniform quantisation of each update
+    top_k_fraction: float = 0.0  # 0: off; keep this fraction of coordinates per update
     # Engine.
     chunk_size: int = 0  # 0: chosen from the model size (cohort.default_chunk_size)
     num_devices: int = 1
@@ -111,7 +157,7 @@ class ExperimentConfig:
         if self.prox_mu > 0 and self.algorithm != "fedprox":
             fail("prox_mu", self.prox_mu, f"only applies to algorithm='fedprox', "
                  f"not {self.algorithm!r}")
-        check_choice("weighting", self.weighting, ("examples", "uniform"))
+        check_choice("weighting", self.weighting, WEIGHTINGS)
         check_choice("sampling", self.sampling, SAMPLINGS)
         check_int("cohort_size", self.cohort_size, min_value=1)
         if self.sampling == "fixed" and self.cohort_size > self.num_clients:
@@ -124,6 +170,123 @@ class ExperimentConfig:
         check_int("chunk_size", self.chunk_size, min_value=0)
         check_int("num_devices", self.num_devices, min_value=0)
         check_int("seed", self.seed, min_value=0, max_value=2**32 - 1)
+        self._check_server()
+
+    @property
+    def dp(self) -> bool:
+        """True when the run adds DP noise (and is then accounted)."""
+        return self.aggregator == "dp_fedavg" and (self.noise_multiplier > 0
+                                                   or self.target_epsilon > 0)
+
+    @property
+    def client_weighting(self) -> str:
+        """``weighting`` with ``"auto"`` resolved (uniform for dp_fedavg)."""
+        if self.weighting != "auto":
+            return self.weighting
+        return "uniform" if self.aggregator == "dp_fedavg" else "examples"
+
+    @property
+    def expected_cohort(self) -> float:
+        """Expected clients per round: cohort_size, or sampling_rate * num_clients."""
+        if self.sampling == "fixed":
+            return float(self.cohort_size)
+        return self.sampling_rate * self.num_clients
+
+    def _only_with(self, name: str, applies: bool, where: str) -> None:
+        value, default = getattr(self, name), FIELDS[name].default
+        if value != default and not applies:
+            fail(name, value, f"only applies with {where}")
+
+    def _check_server(self) -> None:
+        """Host-side checks of the server/DP fields (see the module docstring)."""
+        agg = check_choice("aggregator", self.aggregator, AGGREGATORS)
+        check_float("clip_norm", self.clip_norm, min_value=0.0)
+        if not isinstance(self.adaptive_clipping, bool):
+            fail("adaptive_clipping", self.adaptive_clipping, "must be true or false")
+        check_float("target_quantile", self.target_quantile, min_value=0.0, max_value=1.0)
+        check_float("clip_learning_rate", self.clip_learning_rate, min_value=0.0)
+        z = check_float("noise_multiplier", self.noise_multiplier, min_value=0.0)
+        eps = check_float("target_epsilon", self.target_epsilon, min_value=0.0)
+        delta = check_float("delta", self.delta, min_value=0.0, max_value=1.0,
+                            max_exclusive=True)
+        check_choice("accountant", self.accountant, ACCOUNTANTS)
+        f = check_int("num_byzantine", self.num_byzantine, min_value=0)
+        check_float("trim_fraction", self.trim_fraction, min_value=0.0, max_value=0.5,
+                    max_exclusive=True)
+        check_int("multi_krum_selected", self.multi_krum_selected, min_value=0)
+        check_float("centered_clipping_tau", self.centered_clipping_tau, min_value=0.0,
+                    min_exclusive=True)
+        check_int("quantize_bits", self.quantize_bits, min_value=0, max_value=16)
+        check_float("top_k_fraction", self.top_k_fraction, min_value=0.0, max_value=1.0)
+        if self.quantize_bits and self.top_k_fraction:
+            fail("top_k_fraction", self.top_k_fraction,
+                 f"pick one compressor: quantize_bits={self.quantize_bits} is also set")
+
+        noisy_field = "noise_multiplier" if z > 0 else "target_epsilon"
+        noisy_value = z if z > 0 else eps
+        if z > 0 and eps > 0:
+            fail("target_epsilon", eps, f"give noise_multiplier or target_epsilon, not both "
+                 f"(noise_multiplier={z!r})")
+        if noisy_value > 0 and self.clip_norm == 0:
+            fail(noisy_field, noisy_value, "Gaussian noise needs a bound on each client's "
+                 "update: set clip_norm > 0 (the noise std is noise_multiplier * clip_norm)")
+        if noisy_value > 0 and agg != "dp_fedavg":
+            fail(noisy_field, noisy_value,
+                 f"DP noise needs aggregator='dp_fedavg' (clip, sum, noise), got "
+                 f"aggregator={agg!r}; robust reducers are not sums, so the Gaussian "
+                 "mechanism's sensitivity analysis does not cover them")
+        if agg == "dp_fedavg":
+            if self.clip_norm == 0:
+                fail("clip_norm", self.clip_norm,
+                     "aggregator='dp_fedavg' needs clip_norm > 0 (the sum's sensitivity)")
+            if self.weighting == "examples":
+                fail("weighting", self.weighting,
+                     "DP-FedAvg weights every client 1 so the sum's sensitivity is "
+                     "clip_norm (McMahan et al. 2018); use weighting='uniform' or 'auto'")
+        if self.adaptive_clipping:
+            if self.clip_norm == 0:
+                fail("adaptive_clipping", True, "needs clip_norm > 0 (the initial clip norm)")
+            if agg == "dp_fedavg" and not self.dp:
+                fail("adaptive_clipping", True,
+                     "with aggregator='dp_fedavg' and no noise the private quantile "
+                     "estimate protects nothing; set noise_multiplier or target_epsilon, "
+                     "or use aggregator='mean' for non-private adaptive clipping")
+            if self.dp and z > 0 and z >= self.expected_cohort / 10:
+                fail("noise_multiplier", z,
+                     f"adaptive clipping spends noise std expected_cohort/20 = "
+                     f"{self.expected_cohort / 20:g} on the clipped count, which caps "
+                     f"noise_multiplier below {self.expected_cohort / 10:g}; use a larger "
+                     "cohort or adaptive_clipping=false")
+        self._only_with("target_quantile", self.adaptive_clipping, "adaptive_clipping=true")
+        self._only_with("clip_learning_rate", self.adaptive_clipping,
+                        "adaptive_clipping=true")
+        if self.dp and self.accountant == "pld" and self.sampling == "fixed":
+            fail("accountant", self.accountant,
+                 "dp-accounting's PLD accountant does not support fixed-size sampling "
+                 "(replace-one, without replacement); use sampling='poisson' or "
+                 "accountant='rdp'")
+        if self.dp and delta > 0 and delta >= 1.0 / self.num_clients:
+            fail("delta", delta, f"must be < 1/num_clients = {1.0 / self.num_clients:g} "
+                 "(a delta of 1/N allows releasing one client's data in the clear)")
+        self._only_with("trim_fraction", agg == "trimmed_mean", "aggregator='trimmed_mean'")
+        self._only_with("num_byzantine", agg in BYZANTINE_FACTOR,
+                        "aggregator in krum, multi_krum, bulyan")
+        self._only_with("multi_krum_selected", agg == "multi_krum",
+                        "aggregator='multi_krum'")
+        self._only_with("centered_clipping_tau", agg == "centered_clipping",
+                        "aggregator='centered_clipping'")
+        if agg in BYZANTINE_FACTOR:
+            need = BYZANTINE_FACTOR[agg] * f + 3
+            cohort = self.expected_cohort
+            if cohort < need:
+                fail("num_byzantine", f,
+                     f"{agg} needs cohort >= {BYZANTINE_FACTOR[agg]}*num_byzantine+3 = "
+                     f"{need}, got {'expected ' if self.sampling == 'poisson' else ''}"
+                     f"cohort {cohort:g}")
+            if agg == "multi_krum" and self.multi_krum_selected > cohort:
+                fail("multi_krum_selected", self.multi_krum_selected,
+                     f"exceeds the {'expected ' if self.sampling == 'poisson' else ''}"
+                     f"cohort {cohort:g}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

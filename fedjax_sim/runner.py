@@ -4,10 +4,24 @@ Host-side only: it builds the data, model, algorithm and sampler from an
 :class:`~fedjax_sim.config.ExperimentConfig`, compiles the round once (ahead of time,
 so compile time is reported apart from steady-state time), runs it, evaluates, logs one
 JSON object per round, and shows a progress bar. Nothing here runs inside the round.
+
+Privacy. The server chain, sampler and noise multiplier come from
+:func:`fedjax_sim.server_config.build_server`. When the run adds DP noise
+(``cfg.dp``), the accountant is built from what runs --
+``privacy_spec_from_transform_infos`` of the round's own transform chain and the
+sampler's ``privacy_sampling`` -- records one round per round, and every
+``metrics.jsonl`` row, the progress bar (``eps=``) and ``summary.json`` carry the
+client-level ``epsilon`` at ``delta``. A run without noise has no formal DP guarantee:
+its epsilon is infinite, written as JSON ``null`` (``inf`` on the progress bar), and a
+one-line note says so. Rows and the summary also carry ``delta``, ``noise_multiplier``
+and ``accountant``. When clipping runs, rows carry ``clip_norm`` (used that round),
+``clipped_fraction`` and ``mean_update_norm`` (before clipping); like the training loss
+these are simulation diagnostics from raw client data, not covered by epsilon.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -27,8 +41,10 @@ from fedjax_sim.config import ExperimentConfig
 from fedjax_sim.data.federated import ClientData, FederatedData
 from fedjax_sim.evaluation import evaluate_clients, make_central_evaluator
 from fedjax_sim.models import make_model
+from fedjax_sim.privacy import Accountant
 from fedjax_sim.rounds import make_round
-from fedjax_sim.sampling import FixedSizeSampler, PoissonSampler
+from fedjax_sim.server_config import (build_server, clip_diagnostics, privacy_config_for,
+                                      server_key)
 
 
 class TrainingDiverged(RuntimeError):
@@ -63,8 +79,37 @@ def _procedural_test(pop: Any, cfg: ExperimentConfig) -> ClientData:
     return jax.jit(pop.test_data)(jnp.asarray(eval_ids, jnp.int32))
 
 
+# The config fields build_data reads; generated populations are cached on them (a small
+# LRU), so sweeps over server/DP settings (notebooks, tests) build their data once.
+_DATA_FIELDS = ("data", "num_clients", "synthetic_alpha", "synthetic_beta", "synthetic_iid",
+                "max_examples", "min_examples", "synthetic_size_mean", "synthetic_size_sigma",
+                "partition", "dirichlet_alpha", "class_separation", "shards_per_client",
+                "data_path", "test_path", "eval_clients", "seed")
+_DATA_CACHE: "collections.OrderedDict[tuple, ExperimentData]" = collections.OrderedDict()
+_DATA_CACHE_SIZE = 2
+
+
 def build_data(cfg: ExperimentConfig) -> ExperimentData:
-    """Builds the population and test data that ``cfg`` describes (host side, once)."""
+    """Builds the population and test data that ``cfg`` describes (host side, once).
+
+    Generated data (everything but ``npz``/``leaf`` files, which may change on disk) is
+    deterministic in the fields of ``_DATA_FIELDS`` and cached on them: the last two
+    distinct data configurations are reused, not rebuilt. The result is immutable.
+    """
+    if cfg.data in ("npz", "leaf"):
+        return _build_data(cfg)
+    key = tuple(getattr(cfg, f) for f in _DATA_FIELDS)
+    if key in _DATA_CACHE:
+        _DATA_CACHE.move_to_end(key)
+        return _DATA_CACHE[key]
+    data = _build_data(cfg)
+    _DATA_CACHE[key] = data
+    while len(_DATA_CACHE) > _DATA_CACHE_SIZE:
+        _DATA_CACHE.popitem(last=False)
+    return data
+
+
+def _build_data(cfg: ExperimentConfig) -> ExperimentData:
     if cfg.data == "label_skew":
         from fedjax_sim.data.label_skew import procedural_label_skew
 
@@ -125,14 +170,6 @@ def build_data(cfg: ExperimentConfig) -> ExperimentData:
                           test_clients=test_clients)
 
 
-def _make_sampler(cfg: ExperimentConfig, num_clients: int):
-    if cfg.sampling == "fixed":
-        if cfg.cohort_size > num_clients:
-            fail("cohort_size", cfg.cohort_size, f"exceeds num_clients={num_clients}")
-        return FixedSizeSampler(num_clients, cfg.cohort_size)
-    return PoissonSampler(num_clients, cfg.sampling_rate)
-
-
 def _mesh(cfg: ExperimentConfig):
     if cfg.num_devices == 1:
         return None
@@ -183,17 +220,30 @@ def run_experiment(cfg: ExperimentConfig, *, output_dir: str | None = None,
     data = build_data(cfg)
     pop = data.population
     model = make_model(cfg.model, data.example_shape, data.num_classes, hidden=cfg.hidden)
+    base_key = jax.random.key(cfg.seed)
+    plan = build_server(cfg, key=server_key(base_key), num_clients=pop.num_clients)
     algorithm = make_algorithm(
         cfg.algorithm, client_lr=cfg.client_lr, local_epochs=cfg.local_epochs,
         batch_size=cfg.batch_size, server_lr=cfg.server_lr or None,
         server_momentum=cfg.server_momentum, beta1=cfg.beta1, beta2=cfg.beta2,
         adaptivity=cfg.adaptivity, client_momentum=cfg.client_momentum,
         prox_mu=(cfg.prox_mu or None) if cfg.algorithm == "fedprox" else None,
-        weighting=cfg.weighting)
-    sampler = _make_sampler(cfg, pop.num_clients)
+        weighting=plan.weighting, server_transform=plan.transform)
+    sampler = plan.sampler
+    accountant = None
+    if plan.dp:  # The ledger reads the chain that runs, not the config's numbers.
+        accountant = Accountant(privacy_config_for(
+            algorithm.server_transform, sampler, accountant=cfg.accountant,
+            delta=plan.delta))
+        if not np.isclose(accountant.config.noise_multiplier, plan.noise_multiplier,
+                          rtol=1e-6):
+            raise AssertionError(
+                f"the chain reports noise_multiplier={accountant.config.noise_multiplier}, "
+                f"the config asked for {plan.noise_multiplier}")
+    for note in plan.notes:
+        print(note, file=sys.stderr)
     fed_round = make_round(model, algorithm, sampler, max_examples=pop.max_examples,
                            chunk_size=cfg.chunk_size or None, mesh=_mesh(cfg))
-    base_key = jax.random.key(cfg.seed)
     init_key, rounds_key = jax.random.split(base_key)
     state = fed_round.init(init_key)
 
@@ -216,7 +266,8 @@ def run_experiment(cfg: ExperimentConfig, *, output_dir: str | None = None,
                     "test_accuracy_client_averaged": m["accuracy_client_averaged"]}
 
     writer = _JsonlWriter(output_dir)
-    bar = tqdm(total=cfg.rounds, desc=f"{cfg.algorithm}", disable=not progress,
+    desc = cfg.algorithm if cfg.aggregator == "mean" else f"{cfg.algorithm}+{cfg.aggregator}"
+    bar = tqdm(total=cfg.rounds, desc=desc, disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     round_seconds, updates, last_eval, row = [], 0, {}, {}
     try:
@@ -255,12 +306,18 @@ def run_experiment(cfg: ExperimentConfig, *, output_dir: str | None = None,
             if evaluated and "test_accuracy_client_averaged" in last_eval:
                 row["test_accuracy_client_averaged"] = last_eval[
                     "test_accuracy_client_averaged"]
+            if accountant is not None:
+                accountant.record_round()
+            row.update(_privacy_fields(accountant, plan, cfg))
+            if plan.clipping:
+                row.update(_clip_fields(state.transform_state))
             writer.write(row)
             if on_round:
                 on_round(row)
+            eps = "inf" if row["epsilon"] is None else f"{row['epsilon']:.3g}"
             bar.set_postfix(loss=f"{row['train_loss']:.3f}",
                             acc=f"{last_eval.get('test_accuracy', float('nan')):.3f}",
-                            upd_s=f"{row['client_updates_per_s']:.0f}")
+                            eps=eps, upd_s=f"{row['client_updates_per_s']:.0f}")
             bar.update(1)
     finally:
         bar.close()
@@ -272,6 +329,8 @@ def run_experiment(cfg: ExperimentConfig, *, output_dir: str | None = None,
         "test_accuracy": last_eval.get("test_accuracy"),
         "test_accuracy_client_averaged": last_eval.get("test_accuracy_client_averaged"),
         "bayes_accuracy": data.reference_accuracy,
+        **_privacy_fields(accountant, plan, cfg),
+        "privacy": _privacy_summary(accountant, plan, cfg),
         "rounds": cfg.rounds,
         "client_updates": updates,
         "compile_seconds": compile_seconds,
@@ -291,7 +350,52 @@ def run_experiment(cfg: ExperimentConfig, *, output_dir: str | None = None,
     if output_dir:
         with open(os.path.join(output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
+    if accountant is not None:
+        print(f"privacy: {summary['privacy']['statement']}", file=sys.stderr)
     return summary
+
+
+def _privacy_fields(accountant: Accountant | None, plan: Any,
+                    cfg: ExperimentConfig) -> dict[str, Any]:
+    """``epsilon`` (None: infinite, no DP), ``delta``, ``noise_multiplier``, ``accountant``."""
+    return {"epsilon": None if accountant is None else accountant.epsilon(),
+            "delta": plan.delta,
+            "noise_multiplier": (accountant.config.noise_multiplier if accountant
+                                 else plan.noise_multiplier),
+            "accountant": cfg.accountant if accountant else None}
+
+
+def _privacy_summary(accountant: Accountant | None, plan: Any,
+                     cfg: ExperimentConfig) -> dict[str, Any]:
+    """The summary's ``privacy`` block: the guarantee in words and its parameters."""
+    if accountant is None:
+        return {"dp": False, "aggregator": cfg.aggregator,
+                "statement": "no formal DP guarantee (no noise is added); epsilon = inf"}
+    spec = accountant.config.sampling
+    adjacency = ("add/remove one client" if spec.kind == "poisson"
+                 else "replace one client")
+    eps = accountant.epsilon()
+    return {"dp": True, "aggregator": cfg.aggregator, "epsilon": eps, "delta": plan.delta,
+            "noise_multiplier": accountant.config.noise_multiplier,
+            "calibrated_from_target_epsilon": cfg.target_epsilon if plan.calibrated
+            else None,
+            "clip_norm": cfg.clip_norm, "adaptive_clipping": cfg.adaptive_clipping,
+            "accountant": cfg.accountant, "sampling": spec.describe(),
+            "adjacency": adjacency, "rounds": accountant.rounds,
+            "poisson_overflow_probability": plan.poisson_overflow_probability,
+            "statement": f"client-level ({eps:.4g}, {plan.delta:.3g})-DP for all "
+                         f"{accountant.rounds} released models ({adjacency}, "
+                         f"{spec.describe()}, {cfg.accountant})"}
+
+
+def _clip_fields(transform_state: Any) -> dict[str, float]:
+    diag = clip_diagnostics(transform_state)
+    if diag is None:
+        return {}
+    diag = jax.device_get(diag)
+    return {"clip_norm": float(diag.clip_norm),
+            "clipped_fraction": float(diag.clipped_fraction),
+            "mean_update_norm": float(diag.mean_update_norm)}
 
 
 @jax.jit
