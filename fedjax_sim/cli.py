@@ -64,8 +64,12 @@ def _run(args: argparse.Namespace) -> int:
           f"compile {summary['compile_seconds']:.1f} s)")
     if summary.get("bayes_accuracy") is not None:
         print(f"(Bayes-optimal accuracy of this population: {summary['bayes_accuracy']:.4f})")
-    print(json.dumps({k: summary[k] for k in ("test_accuracy", "rounds", "client_updates",
-                                              "train_seconds", "compile_seconds")}))
+    eps = summary.get("epsilon")
+    print("client-level DP: " + ("none (epsilon = inf)" if eps is None else
+                                 f"epsilon = {eps:.3g} at delta = {summary['delta']:.3g}"))
+    print(json.dumps({k: summary.get(k) for k in ("test_accuracy", "epsilon", "rounds",
+                                                  "client_updates", "train_seconds",
+                                                  "compile_seconds")}))
     return 0
 
 
@@ -81,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         privacy_cli = None
     if privacy_cli is not None:
         privacy_cli.add_parser(subparsers)
+    try:
+        from fedjax_sim.attacks import cli as attacks_cli
+        attacks_cli.add_parser(subparsers)
+    except ImportError:
+        pass
     return parser
 
 
