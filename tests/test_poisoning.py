@@ -1,0 +1,337 @@
+"""Poisoning lab: attacks inside the vmapped round, their metrics, and what defences buy."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fedjax_sim.poisoning as P
+from fedjax_sim import server as S
+from fedjax_sim._validation import ConfigError
+from fedjax_sim.algorithms import make_algorithm
+from fedjax_sim.client_update import ClientConfig, make_client_update
+from fedjax_sim.models import make_model
+from fedjax_sim.rounds import make_round
+from fedjax_sim.sampling import FixedSizeSampler
+from tests.conftest import random_federated
+
+
+# ------------------------------------------------------------------ who is malicious
+
+@pytest.mark.parametrize("k,m,seed", [(100, 7, 0), (101, 0, 1), (37, 37, 2), (1000, 250, 3)])
+def test_malicious_by_permutation_picks_exactly_m_clients(k, m, seed):
+    is_mal = P.malicious_by_permutation(k, m, seed=seed)
+    flags = np.asarray(is_mal(jnp.arange(k, dtype=jnp.int32)))
+    assert flags.sum() == m
+    assert not bool(is_mal(jnp.int32(-1)))
+    # A pure function of the id: the same answer one id at a time, and under jit.
+    assert all(bool(jax.jit(is_mal)(jnp.int32(i))) == flags[i] for i in range(0, k, 7))
+
+
+def test_malicious_by_permutation_handles_huge_populations():
+    k = 2**31 - 1
+    is_mal = P.malicious_by_permutation(k, k // 4, seed=5)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, k, 20_000), jnp.int32)
+    frac = float(np.mean(np.asarray(is_mal(ids))))
+    assert abs(frac - 0.25) < 0.02
+
+
+def test_malicious_count_validation():
+    assert P.malicious_count(200, malicious_fraction=0.1) == 20
+    assert P.malicious_count(200, num_malicious=3) == 3
+    with pytest.raises(ConfigError, match="num_malicious"):
+        P.malicious_count(200)
+    with pytest.raises(ConfigError, match="num_malicious"):
+        P.malicious_count(200, num_malicious=201)
+    with pytest.raises(ConfigError, match="malicious_fraction"):
+        P.malicious_count(200, malicious_fraction=1.5)
+
+
+# ------------------------------------------------------------------ masks and selection
+
+NUM_CLASSES = 3
+
+
+def _attacks():
+    trig = P.feature_trigger((0, 1), 3.0)
+    return {
+        "label_flip": P.label_flip(NUM_CLASSES),
+        "backdoor": P.backdoor(trig, 1),
+        "model_replacement": P.model_replacement(trig, 1, 50.0),
+        "constrain_scale": P.constrain_and_scale(trig, 1, 0.5),
+        "sign_flip": P.sign_flip(2.0),
+        "gaussian": P.gaussian_noise_attack(1.0),
+        "tag_for_server": P.tag_for_server,
+    }
+
+
+def test_every_attack_honours_the_client_mask_and_the_malicious_set():
+    data = random_federated(num_clients=6, max_examples=8, dim=5, num_classes=NUM_CLASSES,
+                            seed=1, min_count=2)
+    model = make_model("softmax", (5,), NUM_CLASSES)
+    params = model.init(jax.random.key(0))
+    honest = make_client_update(model, ClientConfig(optax.sgd(0.5)), data.max_examples)
+    # Even ids are malicious; the predicate even claims padding (-1), which must not matter.
+    is_mal = lambda ids: ((ids % 2) == 0) | (ids < 0)  # noqa: E731
+    attacks = _attacks()
+    fns = {name: P.make_adversarial_client_update(honest, a, is_mal)
+           for name, a in attacks.items()}
+    ids = jnp.asarray([0, 1, 2, -1, 3, -1], jnp.int32)
+    cohort = data.cohort_data(ids)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(ids)
+
+    @jax.jit
+    def run_all(cohort, keys):  # one compilation for every attack
+        run = lambda fn: jax.vmap(lambda d, k: fn(params, d, k, ()))(cohort, keys)  # noqa
+        return run(honest), {name: run(fn) for name, fn in fns.items()}
+
+    h, outs = run_all(cohort, keys)
+    pad = np.asarray(ids) < 0
+    odd = (np.asarray(ids) % 2 == 1) & ~pad
+    even = ~odd & ~pad
+    for name, out in outs.items():
+        # Padding clients and honest (odd) clients: identical to the honest output.
+        for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(h)):
+            np.testing.assert_array_equal(np.asarray(x)[pad | odd], np.asarray(y)[pad | odd],
+                                          err_msg=name)
+        assert np.all(np.asarray(out.weight)[pad] == 0), name
+        # Malicious clients: the attack's update, computed with the attack key.
+        changed = any(not np.allclose(np.asarray(x)[even], np.asarray(y)[even])
+                      for x, y in zip(jax.tree.leaves(out.delta), jax.tree.leaves(h.delta)))
+        if name == "tag_for_server":
+            assert np.all(np.asarray(out.weight)[even] < 0)
+        else:
+            assert changed, name
+
+
+def test_model_poisoning_deltas_have_the_promised_norm_and_direction():
+    data = random_federated(num_clients=4, max_examples=8, dim=5, num_classes=NUM_CLASSES,
+                            seed=2, min_count=3)
+    model = make_model("softmax", (5,), NUM_CLASSES)
+    params = model.init(jax.random.key(0))
+    honest = make_client_update(model, ClientConfig(optax.sgd(0.5)), data.max_examples)
+    trig = P.feature_trigger((0,), 2.0)
+    d = jax.tree.map(lambda x: x[0], data.cohort_data(jnp.arange(4)))
+    key = jax.random.key(1)
+    h = honest(params, d, key, ())
+    norm = lambda t: float(S.per_client_l2_norms(jax.tree.map(lambda x: x[None], t))[0])  # noqa
+    flipped = P.sign_flip(3.0)(honest, params, d, key, ())
+    for a, b in zip(jax.tree.leaves(flipped.delta), jax.tree.leaves(h.delta)):
+        np.testing.assert_allclose(a, -3.0 * b, rtol=1e-6)
+    cs = P.constrain_and_scale(trig, 1, 0.25)(honest, params, d, key, ())
+    assert norm(cs.delta) == pytest.approx(0.25, rel=1e-5)
+    bd = P.backdoor(trig, 1)(honest, params, d, key, ())
+    mr = P.model_replacement(trig, 1, 40.0)(honest, params, d, key, ())
+    for a, b in zip(jax.tree.leaves(mr.delta), jax.tree.leaves(bd.delta)):
+        np.testing.assert_allclose(a, 40.0 * b, rtol=1e-5)
+
+
+def test_label_flip_trains_on_flipped_labels():
+    data = random_federated(num_clients=2, max_examples=6, dim=5, num_classes=NUM_CLASSES,
+                            seed=3, min_count=3)
+    model = make_model("softmax", (5,), NUM_CLASSES)
+    params = model.init(jax.random.key(0))
+    honest = make_client_update(model, ClientConfig(optax.sgd(0.5)), data.max_examples)
+    d = jax.tree.map(lambda x: x[0], data.cohort_data(jnp.arange(2)))
+    key = jax.random.key(1)
+    ref = honest(params, d.replace(y=NUM_CLASSES - 1 - d.y), key, ())
+    out = P.label_flip(NUM_CLASSES)(honest, params, d, key, ())
+    for a, b in zip(jax.tree.leaves(out.delta), jax.tree.leaves(ref.delta)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_triggers():
+    img = jnp.zeros((2, 8, 8, 1))
+    t = P.pixel_trigger(3, 1.0)(img)
+    assert float(t.sum()) == 2 * 9 and float(t[:, 5:, 5:].min()) == 1.0
+    tab = P.feature_trigger((1, 4), 7.0)(jnp.zeros((3, 6)))
+    np.testing.assert_array_equal(np.asarray(tab)[:, [1, 4]], 7.0)
+    assert float(tab.sum()) == 3 * 2 * 7.0
+
+
+# ------------------------------------------------------------------ metrics
+
+def test_backdoor_success_excludes_target_examples_and_alignment_is_a_cosine():
+    model = make_model("softmax", (4,), 3)
+    params = jax.tree.map(jnp.zeros_like, model.init(jax.random.key(0)))
+    # Bias towards class 2 everywhere: every non-target example "succeeds" for target 2.
+    params = jax.tree.map(lambda p: p.at[..., 2].set(1.0) if p.ndim == 1 else p, params)
+    x = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
+    y = np.arange(30) % 3
+    trig = P.feature_trigger((0,), 0.0)
+    assert P.backdoor_success_rate(model, params, x, y, trig, 2) == 1.0
+    assert P.backdoor_success_rate(model, params, x, y, trig, 0) == 0.0
+    assert P.main_task_accuracy(model, params, x, y) == pytest.approx(1 / 3)
+    cohort = S.CohortUpdates({"w": jnp.asarray([[1.0, 0.0], [3.0, 0.0], [0.0, 9.0]])},
+                             jnp.ones(3), jnp.asarray([True, True, False]))
+    al = P.aggregate_alignment({"w": jnp.asarray([0.0, -1.0])}, cohort, jnp.ones(3, bool))
+    assert float(al["inner_product"]) == 0.0
+    al = P.aggregate_alignment({"w": jnp.asarray([-1.0, 0.0])}, cohort, jnp.ones(3, bool))
+    assert float(al["cosine"]) == pytest.approx(-1.0)
+    assert float(al["inner_product"]) == pytest.approx(-2.0)
+
+
+# ------------------------------------------------------------------ omniscient attacks
+
+def _alie_cohort(n=50, m=15, dim=5000, seed=0, padded=2):
+    rng = np.random.default_rng(seed)
+    mu = 0.1 * rng.normal(size=dim)
+    ups = (mu + rng.normal(size=(n + padded, dim))).astype(np.float32)
+    weights = np.ones(n + padded, np.float32)
+    weights[:m] = -1.0  # the malicious clients' tag (tag_for_server)
+    mask = np.arange(n + padded) < n
+    ups[~mask] = 1e6  # junk in masked rows must not leak
+    cohort = S.CohortUpdates({"w": jnp.asarray(ups)}, jnp.asarray(weights), jnp.asarray(mask))
+    return cohort, jnp.asarray(weights > 0)
+
+
+def test_omniscient_rows_match_a_numpy_reference_and_masked_rows_stay_out():
+    cohort, honest = _alie_cohort(n=12, m=3, dim=7, padded=2)
+    u = np.asarray(cohort.updates["w"], np.float64)
+    h = np.asarray(honest & cohort.mask)
+    mu, sd = u[h].mean(0), u[h].std(0)
+    out, _ = P.omniscient_attack("alie", z=0.7).update(cohort, ())
+    w = np.asarray(out.updates["w"])
+    np.testing.assert_allclose(w[:3], np.broadcast_to(mu - 0.7 * sd * np.sign(mu), (3, 7)),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(w[3:12], u[3:12].astype(np.float32))
+    np.testing.assert_array_equal(w[12:], 0.0)
+    np.testing.assert_array_equal(np.asarray(out.weights), [1.0] * 12 + [0.0] * 2)
+    out, _ = P.omniscient_attack("ipm", epsilon=0.5).update(cohort, ())
+    np.testing.assert_allclose(np.asarray(out.updates["w"])[:3],
+                               np.broadcast_to(-0.5 * mu, (3, 7)), rtol=1e-5, atol=1e-6)
+    out, _ = P.omniscient_attack("alie", z=0.7, signed=False).update(cohort, ())
+    np.testing.assert_allclose(np.asarray(out.updates["w"])[:3],
+                               np.broadcast_to(mu - 0.7 * sd, (3, 7)), rtol=1e-5, atol=1e-6)
+
+
+def test_baruch_z_matches_the_paper_formula():
+    import scipy.stats
+    for n, m in [(50, 10), (50, 15), (100, 20), (20, 2)]:
+        s = n // 2 + 1 - m
+        assert float(P.baruch_z(jnp.int32(n), jnp.int32(m))) == pytest.approx(
+            scipy.stats.norm.ppf((n - s) / n), abs=1e-4)
+
+
+ROBUST = {
+    "coordinate_median": lambda f: S.coordinate_median(),
+    "trimmed_mean": lambda f: S.trimmed_mean(0.3),
+    "krum": lambda f: S.krum(f),
+    "multi_krum": lambda f: S.multi_krum(f, 50 - 2 * f),
+    "bulyan": lambda f: S.bulyan(11),  # the largest f with 4f + 3 <= 50
+    "geometric_median": lambda f: S.geometric_median(),
+    "centered_clipping": lambda f: S.centered_clipping(5.0, 3),
+}
+
+
+@pytest.mark.parametrize("reducer", list(ROBUST))
+@pytest.mark.parametrize("kind", ["alie", "ipm"])
+def test_omniscient_attacks_turn_every_robust_reducer_against_the_honest_mean(kind, reducer):
+    # 15 of 50 clients (30%) malicious in 5000 dimensions, honest signal-to-noise 0.1 per
+    # coordinate. At 10 of 50 (20%) ALIE still leaves trimmed mean, Multi-Krum and centred
+    # clipping positively aligned (measured cosines +0.5 to +0.8), so 30% is the setting.
+    cohort, honest = _alie_cohort()
+    attack = P.omniscient_attack(kind, epsilon=0.5)
+    transform = S.chain(attack, ROBUST[reducer](15))
+    agg, _ = jax.jit(transform.update)(cohort, transform.init({"w": jnp.zeros(5000)}))
+    al = P.aggregate_alignment(agg, cohort, honest)
+    assert float(al["inner_product"]) < 0, (kind, reducer, float(al["cosine"]))
+    plain = S.chain(attack, S.weighted_mean())
+    agg, _ = plain.update(cohort, plain.init({"w": jnp.zeros(5000)}))
+    if kind == "ipm":  # IPM with eps < n_h / m keeps the plain mean positive: robustness hurts.
+        assert float(P.aggregate_alignment(agg, cohort, honest)["inner_product"]) > 0
+
+
+def test_alie_runs_inside_the_round():
+    data = random_federated(num_clients=20, max_examples=8, dim=5, num_classes=3, seed=4,
+                            min_count=1)
+    model = make_model("softmax", (5,), 3)
+    is_mal = P.malicious_by_permutation(20, 5, seed=0)
+    alg = make_algorithm("fedavg", client_lr=0.3, batch_size=4, server_transform=S.chain(
+        P.omniscient_attack("alie"), S.coordinate_median()))
+    honest = make_client_update(model, alg.client, data.max_examples)
+    fr = make_round(model, alg, FixedSizeSampler(20, 20), max_examples=data.max_examples,
+                    client_update=P.make_adversarial_client_update(honest, P.tag_for_server,
+                                                                   is_mal))
+    state, out = fr.step(fr.init(jax.random.key(0)), data, jax.random.key(1))
+    assert int(out.metrics["num_aggregated"]) == 20
+    assert np.isfinite(float(out.metrics["update_norm"]))
+
+
+# ------------------------------------------------------------------ end to end: backdoors
+
+@pytest.fixture(scope="module")
+def digits_pretrained():
+    """Softmax on 100 IID digit clients, pre-trained 5 honest FedAvg rounds (~0.90 acc)."""
+    from fedjax_sim.data.digits import digits_federated
+    split = digits_federated(100, seed=0, partition="iid")
+    model = make_model("softmax", (8, 8, 1), 10)
+    alg = make_algorithm("fedavg", client_lr=0.3, local_epochs=5, batch_size=10)
+    sampler = FixedSizeSampler(100, 100)
+    fr = make_round(model, alg, sampler, max_examples=split.train.max_examples)
+    state = fr.init(jax.random.key(0))
+    for r in range(5):
+        state, _ = fr.step(state, split.train, jax.random.key(100 + r))
+    return split, model, alg, sampler, state.params
+
+
+@pytest.mark.slow
+def test_model_replacement_backdoors_the_mean_and_norm_bounds_and_median_stop_it(
+        digits_pretrained):
+    split, model, alg, sampler, params = digits_pretrained
+    pop = split.train
+    trig, target = P.pixel_trigger(3, 1.0), 0
+    clean_acc = P.main_task_accuracy(model, params, split.test_x, split.test_y)
+    assert clean_acc > 0.85
+    assert P.backdoor_success_rate(model, params, split.test_x, split.test_y, trig,
+                                   target) < 0.05
+    honest = make_client_update(model, alg.client, pop.max_examples)
+    # The attacker trains harder (20 local epochs) and boosts by n / eta = 100 / 1.
+    attacker_training = make_client_update(
+        model, ClientConfig(optax.sgd(0.3), local_epochs=20, batch_size=10), pop.max_examples)
+    replacement = P.model_replacement(trig, target, 100.0)
+    attack = lambda _, *args: replacement(attacker_training, *args)  # noqa: E731
+    client_update = P.make_adversarial_client_update(
+        honest, attack, P.malicious_by_permutation(100, 1, seed=0))
+    # Honest update norms here: median 1.15, max 1.35 (attacker: ~314). Bound: 3.
+    defences = {"mean": S.weighted_mean(),
+                "zero_above_norm": S.chain(S.zero_above_norm(3.0), S.weighted_mean()),
+                "coordinate_median": S.coordinate_median()}
+    success = {}
+    for name, transform in defences.items():
+        fr = make_round(model, dataclasses.replace(alg, server_transform=transform), sampler,
+                        max_examples=pop.max_examples, client_update=client_update)
+        state = fr.init(jax.random.key(0)).replace(params=params)
+        state, _ = fr.step(state, pop, jax.random.key(7))
+        success[name] = P.backdoor_success_rate(model, state.params, split.test_x,
+                                                split.test_y, trig, target)
+    assert success["mean"] >= 0.9, success  # measured 1.00
+    assert success["zero_above_norm"] <= 0.1, success  # measured 0.00
+    assert success["coordinate_median"] <= 0.1, success  # measured 0.00
+
+
+@pytest.mark.slow
+def test_centered_clipping_costs_nothing_without_attackers_on_label_skewed_data():
+    from fedjax_sim.data.label_skew import procedural_label_skew
+    pop = procedural_label_skew(500, alpha=0.3, seed=0, dim=30, max_examples=32)
+    model = make_model("softmax", (30,), 10)
+    test = pop.test_data(jnp.arange(500))
+    m = np.asarray(test.mask)
+    tx, ty = np.asarray(test.x)[m], np.asarray(test.y)[m]
+    acc = {}
+    for name, transform in [("mean", S.weighted_mean()),
+                            ("centered_clipping", S.centered_clipping(0.5, 3))]:
+        alg = make_algorithm("fedavg", client_lr=0.1, local_epochs=2, batch_size=10,
+                             server_transform=transform)
+        fr = make_round(model, alg, FixedSizeSampler(500, 40), max_examples=32)
+        state = fr.init(jax.random.key(0))
+        for r in range(30):
+            state, _ = fr.step(state, pop, jax.random.key(1000 + r))
+        acc[name] = P.main_task_accuracy(model, state.params, tx, ty)
+    # Measured: mean 0.565, centred clipping 0.563 (Bayes accuracy 0.584).
+    assert abs(acc["mean"] - acc["centered_clipping"]) <= 0.02, acc
