@@ -49,6 +49,9 @@ WEIGHTINGS = ("auto", "examples", "uniform")
 AGGREGATORS = ("mean", "dp_fedavg", "median", "trimmed_mean", "krum", "multi_krum",
                "bulyan", "geometric_median", "centered_clipping")
 ACCOUNTANTS = ("rdp", "pld")
+ATTACKS = ("none", "label_flip", "backdoor", "model_replacement", "constrain_scale",
+           "sign_flip", "gaussian", "alie", "ipm")
+BACKDOOR_ATTACKS = ("backdoor", "model_replacement", "constrain_scale")
 # Byzantine-tolerant reducers that take ``num_byzantine`` and their cohort requirement
 # ``cohort >= factor * f + 3`` (Blanchard et al. 2017; El Mhamdi et al. 2018).
 BYZANTINE_FACTOR = {"krum": 2, "multi_krum": 2, "bulyan": 4}
@@ -117,6 +120,17 @@ class ExperimentConfig:
     centered_clipping_tau: float = 1.0  # centered_clipping radius
     quantize_bits: int = 0  # 0: off; stochastic uniform quantisation of each update
     top_k_fraction: float = 0.0  # 0: off; keep this fraction of coordinates per update
+    # Poisoning (fedjax_sim.poisoning; see its experiment module for what each means).
+    attack: str = "none"
+    num_malicious: int = 0  # give this or malicious_fraction when attack != "none"
+    malicious_fraction: float = 0.0
+    target_label: int = 0  # backdoor attacks: the class triggered inputs should get
+    poison_fraction: float = 0.5  # backdoor attacks: share of examples triggered
+    trigger_size: int = 3  # square side (images) or number of leading features (tabular)
+    trigger_value: float = 0.0  # 0: 1.0 for images, 3.0 for tabular features
+    boost: float = 0.0  # model_replacement: 0 means expected_cohort / server_lr
+    attack_norm: float = 0.0  # constrain_scale: 0 means clip_norm
+    attack_strength: float = 0.0  # sign_flip scale, gaussian std, alie z, ipm epsilon (0: default)
     # Engine.
     chunk_size: int = 0  # 0: chosen from the model size (cohort.default_chunk_size)
     num_devices: int = 1
@@ -171,6 +185,7 @@ class ExperimentConfig:
         check_int("num_devices", self.num_devices, min_value=0)
         check_int("seed", self.seed, min_value=0, max_value=2**32 - 1)
         self._check_server()
+        self._check_attack()
 
     @property
     def dp(self) -> bool:
@@ -287,6 +302,46 @@ class ExperimentConfig:
                 fail("multi_krum_selected", self.multi_krum_selected,
                      f"exceeds the {'expected ' if self.sampling == 'poisson' else ''}"
                      f"cohort {cohort:g}")
+
+    def _check_attack(self) -> None:
+        """Host-side checks of the poisoning fields (one-line errors)."""
+        attack = check_choice("attack", self.attack, ATTACKS)
+        m = check_int("num_malicious", self.num_malicious, min_value=0,
+                      max_value=self.num_clients)
+        frac = check_float("malicious_fraction", self.malicious_fraction, min_value=0.0,
+                           max_value=1.0)
+        check_int("target_label", self.target_label, min_value=0)
+        check_float("poison_fraction", self.poison_fraction, min_value=0.0, max_value=1.0,
+                    min_exclusive=True)
+        check_int("trigger_size", self.trigger_size, min_value=1)
+        check_float("trigger_value", self.trigger_value)
+        check_float("boost", self.boost, min_value=0.0)
+        check_float("attack_norm", self.attack_norm, min_value=0.0)
+        check_float("attack_strength", self.attack_strength, min_value=0.0)
+        on = attack != "none"
+        self._only_with("num_malicious", on, "an attack (attack != 'none')")
+        self._only_with("malicious_fraction", on, "an attack (attack != 'none')")
+        backdoor = attack in BACKDOOR_ATTACKS
+        for name in ("target_label", "poison_fraction", "trigger_size", "trigger_value"):
+            self._only_with(name, backdoor, "attack in " + ", ".join(BACKDOOR_ATTACKS))
+        self._only_with("boost", attack == "model_replacement", "attack='model_replacement'")
+        self._only_with("attack_norm", attack == "constrain_scale",
+                        "attack='constrain_scale'")
+        self._only_with("attack_strength", attack in ("sign_flip", "gaussian", "alie", "ipm"),
+                        "attack in sign_flip, gaussian, alie, ipm")
+        if on and (m > 0) == (frac > 0):
+            fail("num_malicious", m, f"attack={attack!r} needs exactly one of "
+                 f"num_malicious > 0 and malicious_fraction > 0 (got malicious_fraction="
+                 f"{frac!r})")
+        if on and frac > 0 and round(frac * self.num_clients) < 1:
+            fail("malicious_fraction", frac, f"makes no client of num_clients="
+                 f"{self.num_clients} malicious")
+        if attack in ("alie", "ipm") and (m >= self.num_clients or frac == 1.0):
+            fail("attack", attack, "an omniscient attack imitates honest clients; leave at "
+                 "least one client honest")
+        if attack == "constrain_scale" and self.attack_norm == 0 and self.clip_norm == 0:
+            fail("attack_norm", self.attack_norm, "constrain_scale needs a norm to scale to: "
+                 "set attack_norm > 0 (or clip_norm > 0 to use the server's bound)")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -43,6 +43,8 @@ from fedjax_sim.evaluation import evaluate_clients, make_central_evaluator
 from fedjax_sim.models import make_model
 from fedjax_sim.privacy import Accountant
 from fedjax_sim.rounds import make_round
+from fedjax_sim.client_update import make_client_update
+from fedjax_sim.server.base import chain
 from fedjax_sim.server_config import (build_server, clip_diagnostics, privacy_config_for,
                                       server_key)
 
@@ -230,6 +232,10 @@ def run_experiment(cfg: ExperimentConfig, *, output_dir: str | None = None,
         prox_mu=(cfg.prox_mu or None) if cfg.algorithm == "fedprox" else None,
         weighting=plan.weighting, server_transform=plan.transform)
     sampler = plan.sampler
+    poison = _build_poisoning(cfg, model, algorithm, data)
+    if poison.server_stage is not None:  # Colluding omniscient stage: first in the chain.
+        algorithm = dataclasses.replace(algorithm, server_transform=chain(
+            poison.server_stage, algorithm.server_transform))
     accountant = None
     if plan.dp:  # The ledger reads the chain that runs, not the config's numbers.
         accountant = Accountant(privacy_config_for(
@@ -243,7 +249,8 @@ def run_experiment(cfg: ExperimentConfig, *, output_dir: str | None = None,
     for note in plan.notes:
         print(note, file=sys.stderr)
     fed_round = make_round(model, algorithm, sampler, max_examples=pop.max_examples,
-                           chunk_size=cfg.chunk_size or None, mesh=_mesh(cfg))
+                           chunk_size=cfg.chunk_size or None, mesh=_mesh(cfg),
+                           client_update=poison.client_update)
     init_key, rounds_key = jax.random.split(base_key)
     state = fed_round.init(init_key)
 
@@ -264,6 +271,9 @@ def run_experiment(cfg: ExperimentConfig, *, output_dir: str | None = None,
             return {"test_loss": m["loss_example_weighted"],
                     "test_accuracy": m["accuracy_example_weighted"],
                     "test_accuracy_client_averaged": m["accuracy_client_averaged"]}
+
+    if poison.trigger is not None:  # Backdoor success on the pooled clean test set.
+        evaluate = _with_backdoor_success(evaluate, model, data, poison)
 
     writer = _JsonlWriter(output_dir)
     desc = cfg.algorithm if cfg.aggregator == "mean" else f"{cfg.algorithm}+{cfg.aggregator}"
@@ -303,6 +313,8 @@ def run_experiment(cfg: ExperimentConfig, *, output_dir: str | None = None,
                    "update_norm": float(metrics["update_norm"]),
                    "seconds": seconds,
                    "client_updates_per_s": int(metrics["num_clients"]) / max(seconds, 1e-9)}
+            if poison.trigger is not None:
+                row["backdoor_success"] = last_eval["backdoor_success"] if evaluated else None
             if evaluated and "test_accuracy_client_averaged" in last_eval:
                 row["test_accuracy_client_averaged"] = last_eval[
                     "test_accuracy_client_averaged"]
@@ -329,6 +341,9 @@ def run_experiment(cfg: ExperimentConfig, *, output_dir: str | None = None,
         "test_accuracy": last_eval.get("test_accuracy"),
         "test_accuracy_client_averaged": last_eval.get("test_accuracy_client_averaged"),
         "bayes_accuracy": data.reference_accuracy,
+        **({"attack": cfg.attack, "num_malicious": poison.num_malicious,
+            "backdoor_success": last_eval.get("backdoor_success")}
+           if cfg.attack != "none" else {}),
         **_privacy_fields(accountant, plan, cfg),
         "privacy": _privacy_summary(accountant, plan, cfg),
         "rounds": cfg.rounds,
@@ -353,6 +368,40 @@ def run_experiment(cfg: ExperimentConfig, *, output_dir: str | None = None,
     if accountant is not None:
         print(f"privacy: {summary['privacy']['statement']}", file=sys.stderr)
     return summary
+
+
+def _build_poisoning(cfg: ExperimentConfig, model: Any, algorithm: Any,
+                     data: ExperimentData) -> Any:
+    """The run's :class:`~fedjax_sim.poisoning.experiment.PoisoningPlan` (empty if honest)."""
+    from fedjax_sim.poisoning.experiment import PoisoningPlan, build_poisoning
+
+    if cfg.attack == "none":
+        return PoisoningPlan()
+    honest = make_client_update(model, algorithm.client, data.population.max_examples)
+    return build_poisoning(cfg, honest_update=honest,
+                           num_clients=data.population.num_clients,
+                           num_classes=data.num_classes, example_shape=data.example_shape)
+
+
+def _with_backdoor_success(evaluate: Callable, model: Any, data: ExperimentData,
+                           poison: Any) -> Callable:
+    """``evaluate`` plus ``backdoor_success`` on the pooled test examples."""
+    from fedjax_sim.poisoning.metrics import backdoor_success_rate
+
+    if data.test_central is not None:
+        x, y = (np.asarray(a) for a in data.test_central)
+    else:
+        mask = np.asarray(data.test_clients.mask)
+        x = np.asarray(data.test_clients.x)[mask]
+        y = np.asarray(data.test_clients.y)[mask]
+
+    def evaluate_with_backdoor(params):
+        out = evaluate(params)
+        out["backdoor_success"] = backdoor_success_rate(model, params, x, y, poison.trigger,
+                                                        poison.target_label)
+        return out
+
+    return evaluate_with_backdoor
 
 
 def _privacy_fields(accountant: Accountant | None, plan: Any,
