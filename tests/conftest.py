@@ -31,3 +31,27 @@ def small_data():
 def _no_leaked_x64():
     assert not jax.config.jax_enable_x64
     yield
+
+
+def execute_notebook(name, monkeypatch, *, timeout=600):
+    """Runs notebooks/<name> with FEDJAX_SIM_SMALL=1; returns (printed text, PNG count).
+
+    Fails if any cell raised.
+    """
+    import pathlib
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / name
+    monkeypatch.setenv("FEDJAX_SIM_SMALL", "1")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=timeout, startup_timeout=180, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    errors = [o for o in outputs if o.output_type == "error"]
+    assert not errors, errors[0].get("evalue")
+    text = "".join(o.get("text", "") for o in outputs)
+    images = sum("image/png" in o.get("data", {}) for o in outputs)
+    return text, images
