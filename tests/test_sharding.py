@@ -28,13 +28,13 @@ SCRIPT = textwrap.dedent("""
             ("fixed", FixedSizeSampler(500, 30), None),
             ("poisson", PoissonSampler(500, 0.05), None),
             ("median", FixedSizeSampler(500, 30), coordinate_median())):
-        alg = make_algorithm("fedadam", client_lr=0.1, local_epochs=2, batch_size=4,
+        alg = make_algorithm("fedadam", client_lr=0.1, local_epochs=1, batch_size=4,
                              server_transform=transform)
         params = {}
         for mesh in (None, client_mesh()):
             fr = make_round(model, alg, sampler, max_examples=12, chunk_size=3, mesh=mesh)
             state = fr.init(jax.random.key(0))
-            for r in range(3):
+            for r in range(2):
                 state, out = fr.step(state, pop, jax.random.key(r))
             params["sharded" if mesh else "single"] = state.params
             if mesh is not None:
