@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim._validation import check_float, check_int, fail
-from fedjax_sim.data.federated import FederatedData, make_federated_data
+from fedjax_sim.data.federated import make_federated_data
 from fedjax_sim.data.split import FederatedSplit
 
 __all__ = [

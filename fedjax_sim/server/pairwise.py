@@ -26,9 +26,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from fedjax_sim._validation import check_choice, check_int, fail
-from fedjax_sim.server.base import CohortUpdates, ServerTransform, cohort_size, zero_masked
-from fedjax_sim.server.reducers import (expand_mask, num_valid, require_cohort_reducer,
-                                        sort_valid, sorted_at)
+from fedjax_sim.server.base import CohortUpdates, ServerTransform, cohort_size, weighted_sum
+from fedjax_sim.server.reducers import (expand_mask, num_valid, sort_valid, sorted_at,
+                                        stateless_reducer)
 
 PyTree = Any
 _HIGHEST = lax.Precision.HIGHEST
@@ -101,20 +101,7 @@ def _take_client(updates: PyTree, index: jax.Array) -> PyTree:
 
 def _mean_of_selected(updates: PyTree, selected: jax.Array) -> PyTree:
     count = jnp.maximum(jnp.sum(selected.astype(jnp.float32)), 1.0)
-    a = selected.astype(jnp.float32) / count
-    return jax.tree.map(lambda u: jnp.tensordot(a.astype(u.dtype), u, axes=(0, 0)), updates)
-
-
-def _reducer(name: str, reduce_fn, info: dict) -> ServerTransform:
-    def init(params):
-        del params
-        return ()
-
-    def update(value, state):
-        require_cohort_reducer(name, value)
-        return reduce_fn(zero_masked(value)), state
-
-    return ServerTransform(init, update, {"name": name, **info})
+    return weighted_sum(updates, selected.astype(jnp.float32) / count)
 
 
 def krum(num_byzantine: int, *, block_size: int = 256) -> ServerTransform:
@@ -142,7 +129,7 @@ def krum(num_byzantine: int, *, block_size: int = 256) -> ServerTransform:
         return jax.tree.map(lambda x: jnp.where(num_valid(cohort) > 0, x, jnp.zeros_like(x)),
                             chosen)
 
-    return _reducer("krum", reduce_fn, {"num_byzantine": f})
+    return stateless_reducer("krum", reduce_fn, {"num_byzantine": f})
 
 
 def multi_krum(num_byzantine: int, num_selected: int, *,
@@ -176,7 +163,7 @@ def multi_krum(num_byzantine: int, num_selected: int, *,
         selected = (rank < m) & cohort.mask
         return _mean_of_selected(cohort.updates, selected)
 
-    return _reducer("multi_krum", reduce_fn, {"num_byzantine": f, "num_selected": m})
+    return stateless_reducer("multi_krum", reduce_fn, {"num_byzantine": f, "num_selected": m})
 
 
 def _iterative_krum_selection(cohort: CohortUpdates, f: int, theta: jax.Array) -> jax.Array:
@@ -256,4 +243,4 @@ def bulyan(num_byzantine: int, *, selection: str = "one_shot",
 
         return jax.tree.map(leaf, cohort.updates)
 
-    return _reducer("bulyan", reduce_fn, {"num_byzantine": f, "selection": mode})
+    return stateless_reducer("bulyan", reduce_fn, {"num_byzantine": f, "selection": mode})

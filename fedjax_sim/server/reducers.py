@@ -56,8 +56,10 @@ def sorted_at(s: jax.Array, index: jax.Array) -> jax.Array:
     return lax.dynamic_index_in_dim(s, index, axis=0, keepdims=False)
 
 
-def _stateless(name: str, reduce_fn, info: dict | None = None,
-               streaming: StreamingReducer | None = None) -> ServerTransform:
+def stateless_reducer(name: str, reduce_fn, info: dict | None = None,
+                      streaming: StreamingReducer | None = None) -> ServerTransform:
+    """A stateless reducer that applies ``reduce_fn`` to the cohort with masked rows zeroed."""
+
     def init(params):
         del params
         return ()
@@ -89,7 +91,8 @@ def sum_updates(weighted: bool = False) -> ServerTransform:
 
     streaming = StreamingReducer(lambda chunk, state: reduce_fn(zero_masked(chunk)),
                                  lambda total, state: (total, state))
-    return _stateless("sum_updates", reduce_fn, {"weighted": bool(weighted)}, streaming)
+    return stateless_reducer("sum_updates", reduce_fn, {"weighted": bool(weighted)},
+                             streaming)
 
 
 def unweighted_mean() -> ServerTransform:
@@ -112,7 +115,7 @@ def unweighted_mean() -> ServerTransform:
         summed, n = total
         return jax.tree.map(lambda u: u / jnp.maximum(n, 1.0).astype(u.dtype), summed), state
 
-    return _stateless("unweighted_mean", reduce_fn, streaming=StreamingReducer(partial,
+    return stateless_reducer("unweighted_mean", reduce_fn, streaming=StreamingReducer(partial,
                                                                                finalize))
 
 
@@ -138,7 +141,7 @@ def coordinate_median() -> ServerTransform:
 
         return jax.tree.map(leaf, cohort.updates)
 
-    return _stateless("coordinate_median", reduce_fn)
+    return stateless_reducer("coordinate_median", reduce_fn)
 
 
 def trimmed_mean(trim_fraction: float) -> ServerTransform:
@@ -173,7 +176,7 @@ def trimmed_mean(trim_fraction: float) -> ServerTransform:
 
         return jax.tree.map(leaf, cohort.updates)
 
-    return _stateless("trimmed_mean", reduce_fn, {"trim_fraction": beta})
+    return stateless_reducer("trimmed_mean", reduce_fn, {"trim_fraction": beta})
 
 
 def _per_client_dist(updates: PyTree, center: PyTree) -> jax.Array:
@@ -215,7 +218,7 @@ def geometric_median(num_iters: int = 8, eps: float = 1e-6) -> ServerTransform:
 
         return lax.fori_loop(0, iters, step, weighted_sum(cohort.updates, a))
 
-    return _stateless("geometric_median", reduce_fn, {"num_iters": iters, "eps": nu})
+    return stateless_reducer("geometric_median", reduce_fn, {"num_iters": iters, "eps": nu})
 
 
 def centered_clipping(tau: float, num_iters: int = 1) -> ServerTransform:
