@@ -14,6 +14,7 @@ from fedjax_sim.data.partition import (PARTITIONERS, dirichlet_partition, iid_pa
                                        partition_by_name, partition_dataset,
                                        quantity_skew_partition,
                                        shard_partition)
+from fedjax_sim.data.label_skew import ProceduralLabelSkew, procedural_label_skew
 from fedjax_sim.data.procedural import ProceduralSynthetic, procedural_synthetic
 from fedjax_sim.data.split import CentralTestSplit, FederatedSplit
 from fedjax_sim.data.synthetic import (SyntheticClientModel, SyntheticConfig,
@@ -23,6 +24,8 @@ from fedjax_sim.data.synthetic import (SyntheticClientModel, SyntheticConfig,
                                        synthetic_streams)
 
 __all__ = [
+    "ProceduralLabelSkew",
+    "procedural_label_skew",
     "CentralTestSplit",
     "ClientData",
     "DIGITS_NUM_CLASSES",
