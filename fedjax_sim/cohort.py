@@ -109,7 +109,7 @@ def _map_local(client_fn, chunk_size, params, population, ids, keys, states):
 
 
 def map_reduce_cohort(client_fn: Callable[..., ClientOutput],
-                      partial_fn: Callable[[CohortUpdates], PyTree], params: PyTree,
+                      partial_fn: Callable[[CohortUpdates, jax.Array], PyTree], params: PyTree,
                       population: Population, client_ids: jax.Array, client_keys: jax.Array,
                       client_mask: jax.Array, client_states: PyTree, *, chunk_size: int,
                       mesh: Mesh | None = None) -> tuple[PyTree, ClientOutput]:
@@ -117,8 +117,9 @@ def map_reduce_cohort(client_fn: Callable[..., ClientOutput],
 
     Each chunk's deltas are turned into a :class:`CohortUpdates` (clients with
     ``client_mask`` False or a non-finite delta get mask False, weight 0 and a zero
-    delta) and passed to ``partial_fn``; the contributions are summed over chunks and
-    devices. Peak memory holds one chunk of deltas, never the cohort's.
+    delta) and passed, with the chunk's client ids, to ``partial_fn(chunk, ids)``; the
+    contributions are summed over chunks and devices. Peak memory holds one chunk of
+    deltas, never the cohort's.
 
     Returns:
       ``(summed contribution, ClientOutput)`` where the ClientOutput has ``delta=()``
@@ -149,7 +150,7 @@ def _map_reduce_local(client_fn, partial_fn, chunk_size, axis_name, params, popu
         cohort = CohortUpdates(updates=zero_clients(ok, out.delta),
                                weights=jnp.where(ok, out.weight, 0.0).astype(jnp.float32),
                                mask=ok)
-        return partial_fn(cohort), out._replace(delta=())
+        return partial_fn(cohort, cid), out._replace(delta=())
 
     n = ids.shape[0]
     chunk = min(chunk_size, n)

@@ -41,7 +41,7 @@ from fedjax_sim.cohort import (default_chunk_size, map_cohort, map_reduce_cohort
 from fedjax_sim.data.federated import Population
 from fedjax_sim.models import Model
 from fedjax_sim.sampling import Sampler
-from fedjax_sim.server.base import CohortUpdates
+from fedjax_sim.server.base import CohortUpdates, alignment, weighted_sum
 
 PyTree = Any
 
@@ -73,9 +73,15 @@ class RoundOutput(NamedTuple):
       metrics: scalars: ``train_loss``, ``train_accuracy`` (example-weighted over the
         clients that were aggregated), ``num_clients`` (sampled), ``num_aggregated``,
         ``num_examples``, ``num_nonfinite`` (dropped non-finite updates), ``overflow``
-        (Poisson draws beyond capacity), ``update_norm`` (L2 of the aggregate delta).
+        (Poisson draws beyond capacity), ``update_norm`` (L2 of the aggregate delta),
+        ``honest_inner_product`` and ``honest_cosine`` (of the aggregate with the
+        weighted mean of the honest aggregated clients' deltas: 1 for an undefended mean
+        without attackers; how far DP noise, a robust reducer or an attack turn the
+        step), ``num_malicious`` (adversarial clients sampled), ``honest_update_norm`` /
+        ``malicious_update_norm`` (mean per-client delta norm of each group, 0 if empty).
       client_ids: ``[M]`` the cohort (``-1`` padding).
-      client_metrics: per-client metrics ``[M]`` (for attack/defence analysis).
+      client_metrics: per-client metrics ``[M]`` (for attack/defence analysis), including
+        ``update_norm`` (L2 of each client's delta as uploaded, attacks included).
     """
 
     metrics: dict[str, jax.Array]
@@ -111,10 +117,25 @@ def _weighted_client_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(weights > 0, values, 0.0) * weights) / jnp.maximum(total, 1e-12)
 
 
+def _group_mean(values: jax.Array, group: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.where(group, values, 0.0)) / jnp.maximum(jnp.sum(group), 1)
+
+
+def _with_update_norm(client_fn: ClientUpdateFn) -> ClientUpdateFn:
+    """Adds the uploaded delta's L2 norm to the client's metrics (a detection statistic)."""
+
+    def wrapped(params, data, key, client_state=()):
+        out = client_fn(params, data, key, client_state)
+        return out._replace(metrics=dict(out.metrics, update_norm=optax.tree.norm(out.delta)))
+
+    return wrapped
+
+
 def make_round(model: Model, algorithm: FederatedAlgorithm, sampler: Sampler, *,
                max_examples: int, chunk_size: int | None = None, mesh: Mesh | None = None,
                client_update: ClientUpdateFn | None = None,
-               client_state_init: Callable[[PyTree, int], PyTree] | None = None
+               client_state_init: Callable[[PyTree, int], PyTree] | None = None,
+               is_malicious: Callable[[jax.Array], jax.Array] | None = None
                ) -> FederatedRound:
     """Assembles the round of ``algorithm`` for ``model`` and ``sampler``.
 
@@ -130,6 +151,8 @@ def make_round(model: Model, algorithm: FederatedAlgorithm, sampler: Sampler, *,
         switches on ``data.client_id``); default the algorithm's honest local training.
       client_state_init: ``(params, num_clients) -> per-client state`` for stateful
         algorithms; None for stateless ones.
+      is_malicious: pure predicate on population ids marking adversarial clients; they
+        are left out of the honest reference of ``honest_cosine``. None: all honest.
 
     Returns:
       The :class:`FederatedRound`.
@@ -139,11 +162,22 @@ def make_round(model: Model, algorithm: FederatedAlgorithm, sampler: Sampler, *,
         num_params = model.num_params(jax.eval_shape(model.init, jax.random.key(0)))
         chunk_size = default_chunk_size(num_params, sampler.capacity)
     check_int("chunk_size", chunk_size, min_value=1)
-    client_fn = client_update or make_client_update(model, algorithm.client, max_examples)
+    client_fn = _with_update_norm(
+        client_update or make_client_update(model, algorithm.client, max_examples))
     transform = algorithm.server_transform
     server_opt = algorithm.server_optimizer
     devices = mesh_size(mesh)
     capacity = sampler.capacity + (-sampler.capacity) % devices
+
+    def malicious(cids: jax.Array) -> jax.Array:
+        if is_malicious is None:
+            return jnp.zeros(cids.shape, bool)
+        return is_malicious(cids) & (cids >= 0)
+
+    def honest_sum(chunk: CohortUpdates, cids: jax.Array):
+        """Weighted sum and total weight of the chunk's honest aggregated deltas."""
+        w = jnp.where(chunk.mask & ~malicious(cids), chunk.weights, 0.0)
+        return weighted_sum(chunk.updates, w), jnp.sum(w)
 
     def init(key: jax.Array) -> ServerState:
         params = model.init(key)
@@ -163,9 +197,10 @@ def make_round(model: Model, algorithm: FederatedAlgorithm, sampler: Sampler, *,
         states = jax.tree.map(lambda s: s[safe_ids], state.client_states)
 
         if transform.streaming is not None:  # Reduce chunk by chunk: O(chunk) memory.
-            total, out = map_reduce_cohort(
-                client_fn, lambda chunk: transform.streaming.partial(
-                    chunk, state.transform_state), state.params, population, ids, keys,
+            (total, honest_total), out = map_reduce_cohort(
+                client_fn, lambda chunk, cids: (
+                    transform.streaming.partial(chunk, state.transform_state),
+                    honest_sum(chunk, cids)), state.params, population, ids, keys,
                 mask, states, chunk_size=chunk_size, mesh=mesh)
             aggregate, transform_state = transform.streaming.finalize(
                 total, state.transform_state)
@@ -177,6 +212,7 @@ def make_round(model: Model, algorithm: FederatedAlgorithm, sampler: Sampler, *,
             weights = jnp.where(ok, out.weight, 0.0).astype(jnp.float32)
             cohort_updates = CohortUpdates(updates=zero_clients(ok, out.delta),
                                            weights=weights, mask=ok)
+            honest_total = honest_sum(cohort_updates, ids)
             aggregate, transform_state = transform.update(cohort_updates,
                                                           state.transform_state)
         pseudo_grad = jax.tree.map(jnp.negative, aggregate)
@@ -189,6 +225,11 @@ def make_round(model: Model, algorithm: FederatedAlgorithm, sampler: Sampler, *,
             state.client_states, out.client_state)
 
         examples = jnp.where(ok, out.metrics["num_examples"], 0.0)
+        bad = malicious(ids) & mask
+        honest_sum_delta, honest_weight = honest_total
+        honest_mean = jax.tree.map(lambda x: x / jnp.maximum(honest_weight, 1e-12),
+                                   honest_sum_delta)
+        aligned = alignment(aggregate, honest_mean)
         metrics = {
             "train_loss": _weighted_client_mean(out.metrics["train_loss"], examples),
             "train_accuracy": _weighted_client_mean(out.metrics["train_accuracy"], examples),
@@ -198,6 +239,11 @@ def make_round(model: Model, algorithm: FederatedAlgorithm, sampler: Sampler, *,
             "num_nonfinite": jnp.sum(mask & ~out.finite).astype(jnp.int32),
             "overflow": cohort.overflow,
             "update_norm": optax.tree.norm(aggregate),
+            "honest_inner_product": aligned["inner_product"],
+            "honest_cosine": aligned["cosine"],
+            "num_malicious": jnp.sum(bad).astype(jnp.int32),
+            "honest_update_norm": _group_mean(out.metrics["update_norm"], mask & ~bad),
+            "malicious_update_norm": _group_mean(out.metrics["update_norm"], bad),
         }
         new_state = ServerState(params=params, opt_state=opt_state,
                                 transform_state=transform_state,

@@ -17,6 +17,12 @@ one-line note says so. Rows and the summary also carry ``delta``, ``noise_multip
 and ``accountant``. When clipping runs, rows carry ``clip_norm`` (used that round),
 ``clipped_fraction`` and ``mean_update_norm`` (before clipping); like the training loss
 these are simulation diagnostics from raw client data, not covered by epsilon.
+
+Poisoning. Every row carries ``honest_cosine`` / ``honest_inner_product`` (the aggregate
+against the weighted mean of the honest clients' raw updates, computed inside the round);
+with an attack, also ``num_malicious`` (adversarial clients sampled), the groups' mean
+update norms and, for backdoors, ``backdoor_success`` at every evaluation. These are
+diagnostics an honest simulator knows, not something a real server could compute.
 """
 
 from __future__ import annotations
@@ -250,7 +256,8 @@ def run_experiment(cfg: ExperimentConfig, *, output_dir: str | None = None,
         print(note, file=sys.stderr)
     fed_round = make_round(model, algorithm, sampler, max_examples=pop.max_examples,
                            chunk_size=cfg.chunk_size or None, mesh=_mesh(cfg),
-                           client_update=poison.client_update)
+                           client_update=poison.client_update,
+                           is_malicious=poison.is_malicious)
     init_key, rounds_key = jax.random.split(base_key)
     state = fed_round.init(init_key)
 
@@ -311,8 +318,13 @@ def run_experiment(cfg: ExperimentConfig, *, output_dir: str | None = None,
                    "num_nonfinite": int(metrics["num_nonfinite"]),
                    "num_examples": int(metrics["num_examples"]),
                    "update_norm": float(metrics["update_norm"]),
+                   "honest_cosine": float(metrics["honest_cosine"]),
+                   "honest_inner_product": float(metrics["honest_inner_product"]),
                    "seconds": seconds,
                    "client_updates_per_s": int(metrics["num_clients"]) / max(seconds, 1e-9)}
+            if cfg.attack != "none":
+                row.update({k: metrics[k].item() for k in (
+                    "num_malicious", "honest_update_norm", "malicious_update_norm")})
             if poison.trigger is not None:
                 row["backdoor_success"] = last_eval["backdoor_success"] if evaluated else None
             if evaluated and "test_accuracy_client_averaged" in last_eval:

@@ -266,6 +266,67 @@ def test_alie_runs_inside_the_round():
     assert np.isfinite(float(out.metrics["update_norm"]))
 
 
+@pytest.mark.parametrize("streamed", [True, False])
+def test_round_logs_alignment_with_the_honest_mean_like_a_numpy_reference(streamed):
+    data = random_federated(num_clients=24, max_examples=8, dim=5, num_classes=3, seed=6,
+                            min_count=0)
+    model = make_model("softmax", (5,), 3)
+    is_mal = P.malicious_by_permutation(24, 6, seed=1)
+    alg = make_algorithm("fedavg", client_lr=0.3, batch_size=4)
+    if not streamed:  # The same weighted mean, reduced from the stacked [C, ...] deltas.
+        alg = dataclasses.replace(alg, server_transform=alg.server_transform._replace(
+            streaming=None))
+    honest = make_client_update(model, alg.client, data.max_examples)
+    attack = P.make_adversarial_client_update(honest, P.sign_flip(3.0), is_mal)
+    sampler = FixedSizeSampler(24, 15)
+    fr = make_round(model, alg, sampler, max_examples=data.max_examples, chunk_size=4,
+                    client_update=attack, is_malicious=is_mal)
+    state = fr.init(jax.random.key(0))
+    new_state, out = fr.step(state, data, jax.random.key(1))
+
+    # Reference: every sampled client one at a time, in NumPy.
+    ids = np.asarray(out.client_ids)
+    _, client_key = jax.random.split(jax.random.key(1))
+    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])  # noqa: E731
+    deltas, weights, bad = [], [], []
+    for i in ids[ids >= 0]:
+        o = attack(state.params, jax.tree.map(lambda a: a[0], data.cohort_data(
+            jnp.asarray([i], jnp.int32))), jax.random.fold_in(client_key, int(i)), ())
+        deltas.append(flat(o.delta))
+        weights.append(float(o.weight))
+        bad.append(bool(is_mal(jnp.int32(i))))
+    deltas, weights, bad = np.stack(deltas), np.asarray(weights), np.asarray(bad)
+    assert 0 < bad.sum() < len(bad)
+    aggregate = flat(new_state.params) - flat(state.params)  # server SGD at lr 1
+    np.testing.assert_allclose(aggregate, weights @ deltas / weights.sum(), atol=1e-5)
+    hw = np.where(bad, 0.0, weights)
+    ref = hw @ deltas / hw.sum()
+    m = jax.device_get(out.metrics)
+    cos = aggregate @ ref / np.linalg.norm(aggregate) / np.linalg.norm(ref)
+    np.testing.assert_allclose(m["honest_inner_product"], aggregate @ ref, rtol=1e-4)
+    np.testing.assert_allclose(m["honest_cosine"], cos, rtol=1e-4, atol=1e-6)
+    assert m["honest_cosine"] < 0.99  # the sign-flippers turned the step
+    norms = np.linalg.norm(deltas, axis=1)
+    assert int(m["num_malicious"]) == bad.sum()
+    np.testing.assert_allclose(m["malicious_update_norm"], norms[bad].mean(), rtol=1e-5)
+    np.testing.assert_allclose(m["honest_update_norm"], norms[~bad].mean(), rtol=1e-5)
+    per_client = np.asarray(out.client_metrics["update_norm"])[ids >= 0]
+    np.testing.assert_allclose(per_client, norms, rtol=1e-5, atol=1e-7)
+
+
+def test_without_attackers_the_mean_is_perfectly_aligned_with_the_honest_mean():
+    data = random_federated(num_clients=10, max_examples=8, dim=5, num_classes=3, seed=7,
+                            min_count=1)
+    model = make_model("softmax", (5,), 3)
+    fr = make_round(model, make_algorithm("fedavg", client_lr=0.3, batch_size=4),
+                    FixedSizeSampler(10, 7), max_examples=data.max_examples)
+    _, out = fr.step(fr.init(jax.random.key(0)), data, jax.random.key(2))
+    m = jax.device_get(out.metrics)
+    np.testing.assert_allclose(m["honest_cosine"], 1.0, rtol=1e-5)
+    np.testing.assert_allclose(m["honest_inner_product"], m["update_norm"] ** 2, rtol=1e-4)
+    assert int(m["num_malicious"]) == 0 and float(m["malicious_update_norm"]) == 0.0
+
+
 # ------------------------------------------------------------------ end to end: backdoors
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ def test_backdoor_run_logs_backdoor_success_per_evaluation(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     assert all(0.0 <= r["backdoor_success"] <= 1.0 for r in rows)
+    assert all({"honest_cosine", "honest_inner_product", "num_malicious"} <= r.keys()
+               for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["attack"] == "backdoor" and summary["num_malicious"] == 20
     assert summary["backdoor_success"] == rows[-1]["backdoor_success"]
@@ -31,6 +33,12 @@ def test_omniscient_attack_runs_through_a_robust_reducer(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all("backdoor_success" not in r for r in rows)
     assert all(r["num_aggregated"] == r["num_clients"] for r in rows)
+    # Detection statistics: 30 of 200 clients are adversarial, 40 sampled per round.
+    assert all(0 <= r["num_malicious"] <= r["num_clients"] for r in rows)
+    assert sum(r["num_malicious"] for r in rows) > 0
+    assert all(-1.0 - 1e-6 <= r["honest_cosine"] <= 1.0 + 1e-6 for r in rows)
+    assert all(r["honest_update_norm"] > 0 for r in rows)
+    assert all((r["malicious_update_norm"] > 0) == (r["num_malicious"] > 0) for r in rows)
 
 
 @pytest.mark.parametrize("overrides,field", [

@@ -10,7 +10,7 @@ import numpy as np
 
 from fedjax_sim._validation import check_int, fail
 from fedjax_sim.models import Model
-from fedjax_sim.server.base import CohortUpdates, weighted_sum
+from fedjax_sim.server.base import CohortUpdates, alignment, weighted_sum
 
 PyTree = Any
 
@@ -62,15 +62,6 @@ def honest_mean(cohort: CohortUpdates, honest: jax.Array) -> PyTree:
     sel = (cohort.mask & honest).astype(jnp.float32)
     return jax.tree.map(lambda s: s / jnp.maximum(jnp.sum(sel), 1.0),
                         weighted_sum(cohort.updates, sel))
-
-
-def alignment(aggregate: PyTree, reference: PyTree) -> dict[str, jax.Array]:
-    """``{"inner_product", "cosine"}`` of two params-shaped pytrees (jit-friendly)."""
-    a = jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in jax.tree.leaves(aggregate)])
-    b = jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in jax.tree.leaves(reference)])
-    ip = jnp.dot(a, b)
-    return {"inner_product": ip,
-            "cosine": ip / jnp.maximum(jnp.linalg.norm(a) * jnp.linalg.norm(b), 1e-12)}
 
 
 def aggregate_alignment(aggregate: PyTree, cohort: CohortUpdates, honest: jax.Array

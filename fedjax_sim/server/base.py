@@ -167,6 +167,19 @@ def weighted_sum(updates: PyTree, weights: jax.Array) -> PyTree:
         lambda u: jnp.tensordot(weights.astype(u.dtype), u, axes=(0, 0)), updates)
 
 
+def alignment(tree: PyTree, reference: PyTree) -> dict[str, jax.Array]:
+    """``{"inner_product", "cosine"}`` of two same-structure pytrees, in float32.
+
+    The cosine of a zero vector with anything is 0 (the norm product is floored at 1e-12).
+    """
+    a = jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in jax.tree.leaves(tree)])
+    b = jnp.concatenate([x.reshape(-1).astype(jnp.float32)
+                         for x in jax.tree.leaves(reference)])
+    ip = jnp.dot(a, b)
+    return {"inner_product": ip,
+            "cosine": ip / jnp.maximum(jnp.linalg.norm(a) * jnp.linalg.norm(b), 1e-12)}
+
+
 def weighted_mean() -> ServerTransform:
     """Reducer: the weight-normalised mean ``sum_c w_c u_c / sum_c w_c`` over unmasked clients.
 
