@@ -32,7 +32,8 @@ Not covered: data-dependent denominators (a weighted mean whose total weight dep
 the cohort), clients contributing more than one update per round, adaptive choices of the
 noise or cohort from private data, secure-aggregation or quantisation effects, privacy
 of the sampling outcome itself, and DP-FTRL (tree aggregation, no sampling), which has
-its own functions below: :func:`dp_ftrl_dp_event` and :func:`dp_ftrl_epsilon`.
+its own functions below: :func:`dp_ftrl_dp_event`, :func:`dp_ftrl_epsilon` and the
+:class:`DPFTRLAccountant` that ``fedjax-sim run --aggregator dp_ftrl`` keeps.
 """
 
 from __future__ import annotations
@@ -282,6 +283,11 @@ class Accountant:
         return self._rounds
 
     @property
+    def noise_multiplier(self) -> float:
+        """The accounted z (``config.noise_multiplier``)."""
+        return self._config.noise_multiplier
+
+    @property
     def round_event(self) -> dp_accounting.DpEvent:
         return self._event
 
@@ -474,7 +480,7 @@ def privacy_spec_from_transform_infos(infos: Any, sampling: SamplingSpec, *,
       A per-client transform whose bound is not fixed (``sensitivity: None``, e.g. a
       standalone ``adaptive_clip``) cannot be paired with fixed noise and raises.
     * a DP-FTRL tree transform (``name == "dp_ftrl_tree"``) raises: use
-      :func:`dp_ftrl_epsilon`.
+      :func:`dp_ftrl_accountant_from_transform_infos`.
 
     Args:
       infos: transform infos.
@@ -492,8 +498,8 @@ def privacy_spec_from_transform_infos(infos: Any, sampling: SamplingSpec, *,
     for info in flat:
         if info.get("name") == "dp_ftrl_tree":
             fail("infos", info.get("name"),
-                 "DP-FTRL tree noise is not a sampled Gaussian; use dp_ftrl_epsilon("
-                 "info['noise_multiplier'], rounds, delta, max_rounds=info['max_rounds'])")
+                 "DP-FTRL tree noise is not a sampled Gaussian; use "
+                 "dp_ftrl_accountant_from_transform_infos (or dp_ftrl_epsilon)")
     noisy = [i for i in flat if i.get("noise_multiplier") is not None]
     if len(noisy) > 1:
         fail("infos", [i.get("name") for i in noisy],
@@ -600,15 +606,255 @@ def dp_ftrl_epsilon(noise_multiplier: float, rounds: int, delta: float, *,
     delta = _check_delta("delta", delta)
     event = dp_ftrl_dp_event(noise_multiplier, rounds, max_rounds=max_rounds,
                              participation=participation)
-    acc = dp_accounting.rdp.RdpAccountant(neighboring_relation=_NeighborRel.REPLACE_SPECIAL)
+    acc = _dp_ftrl_rdp_accountant()
     acc.compose(event)
     return float(acc.get_epsilon(delta))
 
 
+def _dp_ftrl_rdp_accountant() -> dp_accounting.rdp.RdpAccountant:
+    return dp_accounting.rdp.RdpAccountant(neighboring_relation=_NeighborRel.REPLACE_SPECIAL)
+
+
+def calibrate_dp_ftrl_noise_multiplier(target_epsilon: float, delta: float, rounds: int, *,
+                                       max_rounds: int | None = None,
+                                       participation: str = "once",
+                                       tol: float = 1e-5) -> float:
+    """The smallest DP-FTRL noise multiplier (within ``tol``) with
+    :func:`dp_ftrl_epsilon` ``<= target_epsilon``.
+
+    dp-accounting's ``calibrate_dp_mechanism`` (Brent's method) on a bracket found by
+    doubling / halving, then a guard step so that the result meets the target.
+
+    Args:
+      target_epsilon: > 0.
+      delta: target delta in (0, 1).
+      rounds: rounds run, >= 1.
+      max_rounds: tree size (restart period); None: one tree.
+      participation: as in :func:`dp_ftrl_dp_event`.
+      tol: absolute tolerance on z.
+    """
+    target = check_float("target_epsilon", target_epsilon, min_value=0.0, min_exclusive=True)
+    delta = _check_delta("delta", delta)
+    rounds = check_int("rounds", rounds, min_value=1)
+    tol = check_float("tol", tol, min_value=0.0, min_exclusive=True)
+
+    def eps(z: float) -> float:
+        return dp_ftrl_epsilon(z, rounds, delta, max_rounds=max_rounds,
+                               participation=participation)
+
+    hi = 1.0
+    while eps(hi) > target:
+        hi *= 2.0
+        if hi > 2.0 ** 24:
+            fail("target_epsilon", target_epsilon,
+                 f"unreachable with noise multiplier <= {2.0 ** 24:g} for these settings")
+    lo = hi / 2.0
+    while eps(lo) <= target:
+        hi = lo
+        lo /= 2.0
+        if lo < 1e-6:
+            return hi
+    z = float(dp_accounting.calibrate_dp_mechanism(
+        _dp_ftrl_rdp_accountant,
+        lambda z: dp_ftrl_dp_event(z, rounds, max_rounds=max_rounds,
+                                   participation=participation),
+        target, delta, bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi),
+        tol=tol))
+    while eps(z) > target:
+        z += tol
+    return z
+
+
+def cyclic_rounds_per_pass(num_clients: int, cohort_size: int) -> int:
+    """``floor(num_clients / cohort_size)``: the most consecutive rounds in which a cyclic
+    schedule trains no client twice.
+
+    A cyclic schedule (:class:`fedjax_sim.sampling.CyclicSampler`) trains, in round r, the
+    clients at positions ``r*m .. r*m + m - 1`` (mod N) of a fixed order. Any ``P``
+    consecutive rounds cover ``P*m`` consecutive positions, all distinct when ``P*m <= N``;
+    with ``P + 1`` rounds they wrap. When m does not divide N this is one less than
+    ``ceil(N / m)`` (the rounds needed to reach everyone): the last block of a pass wraps
+    around to the first clients of the order, who then train twice within ``ceil(N / m)``
+    rounds.
+    """
+    n = check_int("num_clients", num_clients, min_value=1)
+    m = check_int("cohort_size", cohort_size, min_value=1, max_value=n)
+    return n // m
+
+
+def dp_ftrl_participation(rounds: int, rounds_per_pass: int) -> str:
+    """How often a client has contributed after ``rounds`` rounds of a schedule that trains
+    no client twice in any ``rounds_per_pass`` consecutive rounds: ``"once"`` (at most once
+    in total) while ``rounds <= rounds_per_pass``, else ``"once_per_tree"`` (valid when
+    every tree spans at most ``rounds_per_pass`` rounds)."""
+    rounds = check_int("rounds", rounds, min_value=0)
+    rounds_per_pass = check_int("rounds_per_pass", rounds_per_pass, min_value=1)
+    return "once" if rounds <= rounds_per_pass else "once_per_tree"
+
+
+class DPFTRLAccountant:
+    """Host-side ledger of DP-FTRL tree aggregation under a data-independent schedule.
+
+    Guarantee: after ``rounds`` recorded rounds, the released noisy prefix sums (and every
+    model computed from them) are (epsilon, delta)-DP at the client level under
+    replace-one-client-with-zero ("special") adjacency, with epsilon
+    ``dp_ftrl_epsilon(noise_multiplier, rounds, delta, max_rounds=max_rounds,
+    participation=p)`` (Kairouz et al. 2021, Appendix D, via dp-accounting's RDP
+    accountant), where
+
+    * ``p = "once"`` while ``rounds <= rounds_per_pass``: no client has contributed twice,
+      so the trees so far are one epoch and cost what the deepest of them costs;
+    * ``p = "once_per_tree"`` afterwards: a tree spans ``max_rounds <= rounds_per_pass``
+      consecutive rounds, so a client contributes to each tree at most once and the trees
+      compose. Every tree is counted, also those a client skipped (an upper bound).
+
+    Assumes: the schedule is fixed in advance, independently of the data (no sampling
+    amplification is claimed), and trains no client twice in any ``rounds_per_pass``
+    consecutive rounds (a cyclic schedule: :func:`cyclic_rounds_per_pass`); each
+    contribution is clipped to the bound the tree noise is scaled to; the trees restart
+    every ``max_rounds`` rounds from round 0; nothing else reads the clients' data.
+
+    Args:
+      noise_multiplier: z, tree-node noise std / the per-client bound.
+      max_rounds: tree size; the tree restarts every ``max_rounds`` rounds.
+      rounds_per_pass: the schedule's no-repeat window (>= ``max_rounds``).
+      delta: default target delta for :meth:`epsilon` (optional).
+    """
+
+    def __init__(self, noise_multiplier: float, max_rounds: int, *, rounds_per_pass: int,
+                 delta: float | None = None):
+        self._z = _check_noise_multiplier("noise_multiplier", noise_multiplier)
+        self._max_rounds = check_int("max_rounds", max_rounds, min_value=1)
+        self._per_pass = check_int("rounds_per_pass", rounds_per_pass, min_value=1)
+        if self._max_rounds > self._per_pass:
+            fail("max_rounds", max_rounds,
+                 f"exceeds the schedule's {self._per_pass} rounds without a repeated client: "
+                 "a client could contribute twice to one tree, which the tree accounting "
+                 "does not cover")
+        self._delta = None if delta is None else _check_delta("delta", delta)
+        self._rounds = 0
+        self._cache: dict[tuple[int, float], float] = {}
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self._z
+
+    @property
+    def max_rounds(self) -> int:
+        return self._max_rounds
+
+    @property
+    def rounds_per_pass(self) -> int:
+        return self._per_pass
+
+    @property
+    def rounds(self) -> int:
+        """Number of rounds recorded so far."""
+        return self._rounds
+
+    @property
+    def delta(self) -> float | None:
+        return self._delta
+
+    @property
+    def participation(self) -> str:
+        """The participation the epsilon of the rounds recorded so far assumes."""
+        return dp_ftrl_participation(self._rounds, self._per_pass)
+
+    def record_round(self, count: int = 1) -> None:
+        """Records ``count`` more rounds (host side, O(1))."""
+        count = check_int("count", count, min_value=0)
+        self._rounds += count
+
+    def ledger(self) -> dp_accounting.DpEvent:
+        """Everything recorded so far (at least one round) as one dp-accounting event."""
+        if self._rounds == 0:
+            fail("rounds", 0, "nothing recorded yet")
+        return dp_ftrl_dp_event(self._z, self._rounds, max_rounds=self._max_rounds,
+                                participation=self.participation)
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """Epsilon of the rounds recorded so far at ``delta`` (default: the ledger's)."""
+        if delta is None:
+            delta = self._delta
+            if delta is None:
+                fail("delta", delta, "pass a delta in (0, 1) or set the ledger's delta")
+        delta = _check_delta("delta", delta)
+        if self._rounds == 0:
+            return 0.0
+        key = (self._rounds, delta)
+        if key not in self._cache:
+            self._cache[key] = dp_ftrl_epsilon(self._z, self._rounds, delta,
+                                               max_rounds=self._max_rounds,
+                                               participation=self.participation)
+        return self._cache[key]
+
+    def describe(self) -> str:
+        return (f"DP-FTRL tree aggregation (z={self._z:g}, tree restarted every "
+                f"{self._max_rounds} rounds, no client twice in {self._per_pass} rounds)")
+
+
+def dp_ftrl_accountant_from_transform_infos(infos: Any, *, rounds_per_pass: int,
+                                            delta: float | None = None
+                                            ) -> DPFTRLAccountant:
+    """Builds the :class:`DPFTRLAccountant` from what the server transforms report.
+
+    ``infos`` as in :func:`privacy_spec_from_transform_infos`. Requires exactly one DP-FTRL
+    tree transform (``name == "dp_ftrl_tree"``: its ``noise_multiplier``, ``clip_norm``
+    and ``max_rounds`` are read) and no other noise; an unweighted ``sum_updates``
+    reducer (the tree's sensitivity analysis is that of a sum); and a per-client bound B
+    (the smallest ``sensitivity``, else ``clip_norm`` / ``max_norm``, of the other
+    transforms). The accounted multiplier is ``z * tree clip_norm / B`` (the node noise
+    std over the real bound; z itself when they agree). A per-client transform with no
+    fixed bound (adaptive clipping) raises: its noised count is not a tree query.
+
+    Args:
+      infos: transform infos.
+      rounds_per_pass: the schedule's no-repeat window (see :class:`DPFTRLAccountant`).
+      delta: optional default delta.
+    """
+    flat = _flatten_infos(infos)
+    names = [i.get("name") for i in flat]
+    trees = [i for i in flat if i.get("name") == "dp_ftrl_tree"]
+    if len(trees) != 1:
+        fail("infos", names, f"expected exactly one dp_ftrl_tree transform, found "
+             f"{len(trees)}")
+    tree = trees[0]
+    others = [i for i in flat if i is not tree]
+    noisy = [i.get("name") for i in others if i.get("noise_multiplier") is not None]
+    if noisy:
+        fail("infos", noisy, "other noise next to the dp_ftrl_tree transform is not "
+             "accounted by the tree mechanism")
+    if not any(i.get("name") == "sum_updates" and not i.get("weighted", False)
+               for i in others):
+        fail("infos", names, "DP-FTRL accounting needs an unweighted sum_updates reducer "
+             "(its sensitivity analysis is that of a sum of clipped updates)")
+    if any("sensitivity" in i and i["sensitivity"] is None for i in others):
+        fail("infos", names, "a per-client transform has no fixed sensitivity (adaptive "
+             "clipping?); the tree noise cannot be accounted against it")
+    bounds = []
+    for i in others:
+        for k in _BOUND_KEYS:
+            if i.get(k) is not None:
+                bounds.append(check_float(f"{i.get('name')}.{k}", i[k], min_value=0.0,
+                                          min_exclusive=True))
+                break
+    if not bounds:
+        fail("infos", names, "no transform bounds a client's contribution (clip_norm / "
+             "sensitivity); without it the tree noise gives no DP")
+    z = _check_noise_multiplier("noise_multiplier", tree["noise_multiplier"])
+    c = check_float("dp_ftrl_tree.clip_norm", tree["clip_norm"], min_value=0.0,
+                    min_exclusive=True)
+    return DPFTRLAccountant(z * c / min(bounds), tree["max_rounds"],
+                            rounds_per_pass=rounds_per_pass, delta=delta)
+
+
 __all__ = [
-    "ACCOUNTANTS", "Accountant", "ConfigError", "PrivacyConfig", "SAMPLING_KINDS",
-    "SamplingSpec", "calibrate_noise_multiplier", "dp_event", "dp_ftrl_dp_event",
-    "dp_ftrl_epsilon", "effective_noise_multiplier", "epsilon_for",
+    "ACCOUNTANTS", "Accountant", "ConfigError", "DPFTRLAccountant", "PrivacyConfig",
+    "SAMPLING_KINDS", "SamplingSpec", "calibrate_dp_ftrl_noise_multiplier",
+    "calibrate_noise_multiplier", "cyclic_rounds_per_pass", "dp_event",
+    "dp_ftrl_accountant_from_transform_infos", "dp_ftrl_dp_event", "dp_ftrl_epsilon",
+    "dp_ftrl_participation", "effective_noise_multiplier", "epsilon_for",
     "make_dp_accounting_accountant", "poisson_overflow_probability",
     "privacy_spec_from_transform_infos", "tree_depth",
 ]

@@ -48,7 +48,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from fedjax_sim._validation import check_float, check_int, fail
-from fedjax_sim.server.base import ServerTransform, is_cohort
+from fedjax_sim.server.base import ServerTransform, chain, is_cohort
+from fedjax_sim.server.clipping import check_key, clip_per_client
+from fedjax_sim.server.noise import dp_mean_normalize
+from fedjax_sim.server.reducers import sum_updates
 
 PyTree = Any
 
@@ -156,4 +159,38 @@ def tree_prefix_noise(state: DPFTRLTreeState) -> PyTree:
     return jax.tree.map(lambda s: jnp.sum(s, axis=0), state.tree_noise)
 
 
-__all__ = ["DPFTRLTreeState", "dp_ftrl_tree_noise", "tree_levels", "tree_prefix_noise"]
+def dp_ftrl_aggregator(clip_norm: float, noise_multiplier: float, cohort_size: int,
+                       max_rounds: int, *, key: jax.Array) -> ServerTransform:
+    """The DP-FTRL server aggregator as a chain (Kairouz et al. 2021, Algorithm 1).
+
+    ``clip_per_client(S) -> sum_updates() -> dp_ftrl_tree_noise(z, S, max_rounds) ->
+    dp_mean_normalize(cohort_size)``: every client counts 1 (no example weights, so a
+    client moves the sum by at most S), the tree adds node noise of std ``z S`` and the
+    division by the fixed cohort size is post-processing. With a plain SGD server
+    optimiser the model is ``theta_0 + lr * (prefix sum + N_t) / cohort_size``.
+
+    Guarantee: that of :func:`dp_ftrl_tree_noise` (accounted by
+    :class:`fedjax_sim.privacy.accounting.DPFTRLAccountant`); it needs a data-independent
+    schedule that puts a client at most once in a tree (a cyclic sampler whose pass is at
+    least ``max_rounds`` rounds).
+
+    Args:
+      clip_norm: ``S > 0``.
+      noise_multiplier: ``z > 0``.
+      cohort_size: the fixed number of clients per round (the divisor).
+      max_rounds: tree size (restart period).
+      key: PRNG key of the tree noise.
+
+    Returns:
+      The chained ServerTransform (a reducer: CohortUpdates -> aggregate delta).
+    """
+    key = check_key("key", key)
+    m = check_int("cohort_size", cohort_size, min_value=1)
+    return chain(clip_per_client(clip_norm), sum_updates(),
+                 dp_ftrl_tree_noise(noise_multiplier=noise_multiplier, clip_norm=clip_norm,
+                                    max_rounds=max_rounds, key=key),
+                 dp_mean_normalize(float(m)))
+
+
+__all__ = ["DPFTRLTreeState", "dp_ftrl_aggregator", "dp_ftrl_tree_noise", "tree_levels",
+           "tree_prefix_noise"]
