@@ -21,6 +21,27 @@ build is assembled by :mod:`fedjax_sim.server_config`):
   sampling at ``delta``). ``delta = 0`` means ``num_clients ** -1.1`` (strictly below
   1/N, as recommended by Ponomareva et al. 2023, "How to DP-fy ML"). ``accountant`` is
   ``"rdp"`` or ``"pld"`` (PLD needs Poisson sampling).
+* ``aggregator="dp_ftrl"`` (Kairouz et al. 2021, "Practical and Private (Deep) Learning
+  without Sampling or Shuffling"): clip each client to ``clip_norm``, sum, add online
+  tree-aggregation noise (every tree node ``N(0, (z clip_norm)^2)``, see
+  :mod:`fedjax_sim.server.dp_ftrl`), divide by ``cohort_size``. It needs
+  ``sampling="cyclic"`` (round r trains the r-th block of ``cohort_size`` clients of one
+  fixed permutation): the tree mechanism's guarantee assumes a data-independent
+  schedule, and no amplification by sampling is claimed. The tree restarts every
+  ``ftrl_restart_rounds`` rounds; 0 means one pass, ``floor(num_clients / cohort_size)``
+  rounds. It is floor, not ceil: when ``cohort_size`` does not divide ``num_clients``
+  the last block of a pass wraps around to the first clients, who would then be in one
+  tree twice. The period may not exceed that pass, so a client contributes at most once
+  per tree; a run longer than one pass composes its trees (accounted as at most one
+  contribution per tree, replace-one-client-with-zero adjacency, RDP). It takes
+  ``noise_multiplier`` or ``target_epsilon`` (calibrated for ``rounds``), RDP only, and
+  no adaptive clipping (its noised count of unclipped clients is not a tree query, so
+  it would not be accounted). Server optimiser: ``fedavg``, ``fedsgd`` and ``fedprox``
+  step with plain SGD (no momentum), which makes the run DP-FTRL proper: the model is
+  ``theta_0 + server_lr * (noisy prefix sum) / cohort_size``. Any other server optimiser
+  (``fedavgm``'s momentum, ``fedadam``, ...) only post-processes the released noisy sums,
+  so the guarantee holds, but the server step is no longer FTRL. It is allowed, and the
+  run prints a note.
 
 Decided on purpose (each is a one-line ConfigError naming the field and value): DP noise
 only with ``dp_fedavg`` (robust reducers are not sums, so the Gaussian mechanism's
@@ -44,10 +65,13 @@ from fedjax_sim.models import MODEL_NAMES
 
 DATA_SOURCES = ("label_skew", "synthetic", "synthetic_materialized", "digits", "npz", "leaf")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity")
-SAMPLINGS = ("fixed", "poisson")
+SAMPLINGS = ("fixed", "poisson", "cyclic")
 WEIGHTINGS = ("auto", "examples", "uniform")
-AGGREGATORS = ("mean", "dp_fedavg", "median", "trimmed_mean", "krum", "multi_krum",
-               "bulyan", "geometric_median", "centered_clipping")
+AGGREGATORS = ("mean", "dp_fedavg", "dp_ftrl", "median", "trimmed_mean", "krum",
+               "multi_krum", "bulyan", "geometric_median", "centered_clipping")
+DP_AGGREGATORS = ("dp_fedavg", "dp_ftrl")  # clip, sum, noise: the aggregators DP can use
+# Server optimisers that are plain SGD without momentum (DP-FTRL proper with dp_ftrl).
+PLAIN_SGD_ALGORITHMS = ("fedavg", "fedsgd", "fedprox")
 ACCOUNTANTS = ("rdp", "pld")
 ATTACKS = ("none", "label_flip", "backdoor", "model_replacement", "constrain_scale",
            "sign_flip", "gaussian", "alie", "ipm")
@@ -114,6 +138,7 @@ class ExperimentConfig:
     target_epsilon: float = 0.0  # 0: off; else calibrate noise_multiplier for `rounds`
     delta: float = 0.0  # 0: num_clients ** -1.1
     accountant: str = "rdp"
+    ftrl_restart_rounds: int = 0  # dp_ftrl tree size; 0: one pass, num_clients // cohort_size
     num_byzantine: int = 0  # f assumed by krum, multi_krum, bulyan
     trim_fraction: float = 0.1  # trimmed_mean: fraction cut from each side
     multi_krum_selected: int = 0  # multi_krum: 0 means cohort - num_byzantine
@@ -174,7 +199,7 @@ class ExperimentConfig:
         check_choice("weighting", self.weighting, WEIGHTINGS)
         check_choice("sampling", self.sampling, SAMPLINGS)
         check_int("cohort_size", self.cohort_size, min_value=1)
-        if self.sampling == "fixed" and self.cohort_size > self.num_clients:
+        if self.sampling in ("fixed", "cyclic") and self.cohort_size > self.num_clients:
             fail("cohort_size", self.cohort_size,
                  f"exceeds num_clients={self.num_clients}")
         check_float("sampling_rate", self.sampling_rate, min_value=0.0, max_value=1.0,
@@ -190,22 +215,33 @@ class ExperimentConfig:
     @property
     def dp(self) -> bool:
         """True when the run adds DP noise (and is then accounted)."""
-        return self.aggregator == "dp_fedavg" and (self.noise_multiplier > 0
-                                                   or self.target_epsilon > 0)
+        return self.aggregator in DP_AGGREGATORS and (self.noise_multiplier > 0
+                                                      or self.target_epsilon > 0)
 
     @property
     def client_weighting(self) -> str:
-        """``weighting`` with ``"auto"`` resolved (uniform for dp_fedavg)."""
+        """``weighting`` with ``"auto"`` resolved (uniform for dp_fedavg and dp_ftrl)."""
         if self.weighting != "auto":
             return self.weighting
-        return "uniform" if self.aggregator == "dp_fedavg" else "examples"
+        return "uniform" if self.aggregator in DP_AGGREGATORS else "examples"
 
     @property
     def expected_cohort(self) -> float:
         """Expected clients per round: cohort_size, or sampling_rate * num_clients."""
-        if self.sampling == "fixed":
+        if self.sampling in ("fixed", "cyclic"):
             return float(self.cohort_size)
         return self.sampling_rate * self.num_clients
+
+    @property
+    def ftrl_pass_rounds(self) -> int:
+        """``num_clients // cohort_size``: the most consecutive rounds in which the cyclic
+        schedule trains no client twice (see the module docstring)."""
+        return self.num_clients // self.cohort_size
+
+    @property
+    def ftrl_max_rounds(self) -> int:
+        """The dp_ftrl tree size: ``ftrl_restart_rounds``, or one pass when it is 0."""
+        return self.ftrl_restart_rounds or self.ftrl_pass_rounds
 
     def _only_with(self, name: str, applies: bool, where: str) -> None:
         value, default = getattr(self, name), FIELDS[name].default
@@ -245,10 +281,10 @@ class ExperimentConfig:
         if noisy_value > 0 and self.clip_norm == 0:
             fail(noisy_field, noisy_value, "Gaussian noise needs a bound on each client's "
                  "update: set clip_norm > 0 (the noise std is noise_multiplier * clip_norm)")
-        if noisy_value > 0 and agg != "dp_fedavg":
+        if noisy_value > 0 and agg not in DP_AGGREGATORS:
             fail(noisy_field, noisy_value,
-                 f"DP noise needs aggregator='dp_fedavg' (clip, sum, noise), got "
-                 f"aggregator={agg!r}; robust reducers are not sums, so the Gaussian "
+                 f"DP noise needs aggregator='dp_fedavg' or 'dp_ftrl' (clip, sum, noise), "
+                 f"got aggregator={agg!r}; robust reducers are not sums, so the Gaussian "
                  "mechanism's sensitivity analysis does not cover them")
         if agg == "dp_fedavg":
             if self.clip_norm == 0:
@@ -258,7 +294,18 @@ class ExperimentConfig:
                 fail("weighting", self.weighting,
                      "DP-FedAvg weights every client 1 so the sum's sensitivity is "
                      "clip_norm (McMahan et al. 2018); use weighting='uniform' or 'auto'")
+            if self.dp and self.sampling == "cyclic":
+                fail("sampling", self.sampling,
+                     "DP-FedAvg's accounting relies on random (fixed-size or Poisson) "
+                     "sampling; a cyclic schedule has no sampling to amplify privacy "
+                     "(use aggregator='dp_ftrl' for cyclic participation)")
+        self._check_dp_ftrl()
         if self.adaptive_clipping:
+            if agg == "dp_ftrl":
+                fail("adaptive_clipping", True,
+                     "not with aggregator='dp_ftrl': adaptive clipping's noised count of "
+                     "unclipped clients is not a tree query, so the tree accounting would "
+                     "not cover it; use a fixed clip_norm")
             if self.clip_norm == 0:
                 fail("adaptive_clipping", True, "needs clip_norm > 0 (the initial clip norm)")
             if agg == "dp_fedavg" and not self.dp:
@@ -302,6 +349,44 @@ class ExperimentConfig:
                 fail("multi_krum_selected", self.multi_krum_selected,
                      f"exceeds the {'expected ' if self.sampling == 'poisson' else ''}"
                      f"cohort {cohort:g}")
+
+    def _check_dp_ftrl(self) -> None:
+        """Host-side checks of ``aggregator="dp_ftrl"`` (see the module docstring)."""
+        agg = self.aggregator
+        restart = check_int("ftrl_restart_rounds", self.ftrl_restart_rounds, min_value=0)
+        self._only_with("ftrl_restart_rounds", agg == "dp_ftrl", "aggregator='dp_ftrl'")
+        if agg != "dp_ftrl":
+            return
+        if self.sampling != "cyclic":
+            fail("sampling", self.sampling,
+                 "aggregator='dp_ftrl' needs sampling='cyclic': the tree mechanism's "
+                 "guarantee assumes a data-independent participation schedule, and "
+                 "amplification by sampling is not claimed")
+        if self.clip_norm == 0:
+            fail("clip_norm", self.clip_norm,
+                 "aggregator='dp_ftrl' needs clip_norm > 0 (each client's bound in the sum)")
+        if not self.dp:
+            fail("noise_multiplier", self.noise_multiplier,
+                 "aggregator='dp_ftrl' needs noise_multiplier > 0 (tree-node noise std / "
+                 "clip_norm) or target_epsilon > 0")
+        if self.weighting == "examples":
+            fail("weighting", self.weighting,
+                 "DP-FTRL weights every client 1 so the sum's sensitivity is clip_norm; "
+                 "use weighting='uniform' or 'auto'")
+        if self.accountant != "rdp":
+            fail("accountant", self.accountant,
+                 "DP-FTRL is accounted with RDP (dp-accounting's tree-aggregation event); "
+                 "use accountant='rdp'")
+        per_pass = self.ftrl_pass_rounds
+        if restart > per_pass:
+            fail("ftrl_restart_rounds", restart,
+                 f"exceeds one pass over the population, num_clients // cohort_size = "
+                 f"{per_pass} rounds: a client would contribute twice to one tree, which "
+                 "the tree accounting does not cover")
+        if self.ftrl_max_rounds >= 2 ** 30:
+            fail("ftrl_restart_rounds", restart,
+                 f"a tree of {self.ftrl_max_rounds} rounds is too large (< 2**30); set a "
+                 "smaller restart period")
 
     def _check_attack(self) -> None:
         """Host-side checks of the poisoning fields (one-line errors)."""

@@ -11,7 +11,12 @@ Privacy. The server chain, sampler and noise multiplier come from
 ``privacy_spec_from_transform_infos`` of the round's own transform chain and the
 sampler's ``privacy_sampling`` -- records one round per round, and every
 ``metrics.jsonl`` row, the progress bar (``eps=``) and ``summary.json`` carry the
-client-level ``epsilon`` at ``delta``. A run without noise has no formal DP guarantee:
+client-level ``epsilon`` at ``delta``. A DP-FTRL run (``aggregator="dp_ftrl"``) is
+accounted by a :class:`~fedjax_sim.privacy.accounting.DPFTRLAccountant` whose noise
+multiplier and tree size are read from the chain's tree transform and whose pass length
+comes from the cyclic sampler; its summary states the assumptions (at most one
+contribution per tree, a fixed cyclic order, replace-one-client-with-zero adjacency).
+A run without noise has no formal DP guarantee:
 its epsilon is infinite, written as JSON ``null`` (``inf`` on the progress bar), and a
 one-line note says so. Rows and the summary also carry ``delta``, ``noise_multiplier``
 and ``accountant``. When clipping runs, rows carry ``clip_norm`` (used that round),
@@ -48,10 +53,11 @@ from fedjax_sim.data.federated import ClientData, FederatedData
 from fedjax_sim.evaluation import evaluate_clients, make_central_evaluator
 from fedjax_sim.models import make_model
 from fedjax_sim.privacy import Accountant
+from fedjax_sim.privacy.accounting import DPFTRLAccountant
 from fedjax_sim.rounds import make_round
 from fedjax_sim.client_update import make_client_update
 from fedjax_sim.server.base import chain
-from fedjax_sim.server_config import (build_server, clip_diagnostics, privacy_config_for,
+from fedjax_sim.server_config import (accountant_for, build_server, clip_diagnostics,
                                       server_key)
 
 
@@ -244,14 +250,17 @@ def run_experiment(cfg: ExperimentConfig, *, output_dir: str | None = None,
             poison.server_stage, algorithm.server_transform))
     accountant = None
     if plan.dp:  # The ledger reads the chain that runs, not the config's numbers.
-        accountant = Accountant(privacy_config_for(
-            algorithm.server_transform, sampler, accountant=cfg.accountant,
-            delta=plan.delta))
-        if not np.isclose(accountant.config.noise_multiplier, plan.noise_multiplier,
-                          rtol=1e-6):
+        accountant = accountant_for(algorithm.server_transform, sampler,
+                                    accountant=cfg.accountant, delta=plan.delta)
+        if not np.isclose(accountant.noise_multiplier, plan.noise_multiplier, rtol=1e-6):
             raise AssertionError(
-                f"the chain reports noise_multiplier={accountant.config.noise_multiplier}, "
+                f"the chain reports noise_multiplier={accountant.noise_multiplier}, "
                 f"the config asked for {plan.noise_multiplier}")
+        if getattr(accountant, "max_rounds", 0) != plan.ftrl_max_rounds:
+            raise AssertionError(
+                f"the chain's DP-FTRL tree has max_rounds="
+                f"{getattr(accountant, 'max_rounds', None)}, the config asked for "
+                f"{plan.ftrl_max_rounds}")
     for note in plan.notes:
         print(note, file=sys.stderr)
     fed_round = make_round(model, algorithm, sampler, max_examples=pop.max_examples,
@@ -416,22 +425,60 @@ def _with_backdoor_success(evaluate: Callable, model: Any, data: ExperimentData,
     return evaluate_with_backdoor
 
 
-def _privacy_fields(accountant: Accountant | None, plan: Any,
+def _privacy_fields(accountant: Accountant | DPFTRLAccountant | None, plan: Any,
                     cfg: ExperimentConfig) -> dict[str, Any]:
     """``epsilon`` (None: infinite, no DP), ``delta``, ``noise_multiplier``, ``accountant``."""
     return {"epsilon": None if accountant is None else accountant.epsilon(),
             "delta": plan.delta,
-            "noise_multiplier": (accountant.config.noise_multiplier if accountant
+            "noise_multiplier": (accountant.noise_multiplier if accountant
                                  else plan.noise_multiplier),
             "accountant": cfg.accountant if accountant else None}
 
 
-def _privacy_summary(accountant: Accountant | None, plan: Any,
+def _dp_ftrl_summary(accountant: DPFTRLAccountant, plan: Any,
+                     cfg: ExperimentConfig) -> dict[str, Any]:
+    """The ``privacy`` block of a DP-FTRL run: the guarantee, its assumptions, parameters."""
+    eps = accountant.epsilon()
+    adjacency = "replace one client with zero (special)"
+    sampling = f"cyclic(m={cfg.cohort_size}, n={plan.sampler.num_clients})"
+    assumptions = [
+        f"each client contributes to at most one round per tree (the tree restarts every "
+        f"{accountant.max_rounds} rounds; the cyclic order trains no client twice in "
+        f"{accountant.rounds_per_pass} consecutive rounds)",
+        "the cyclic order is fixed in advance, independently of the data; no "
+        "amplification by sampling is claimed",
+        f"each client's update is clipped to L2 norm {cfg.clip_norm:g} and every client "
+        "counts 1 in the sum",
+        "the noise key is secret and nothing else reads the clients' data"]
+    passes = ("one pass or less: each client contributed at most once"
+              if accountant.participation == "once" else
+              "several passes: the trees compose, one contribution per tree")
+    return {"dp": True, "aggregator": cfg.aggregator, "mechanism": "dp_ftrl_tree",
+            "epsilon": eps, "delta": plan.delta,
+            "noise_multiplier": accountant.noise_multiplier,
+            "calibrated_from_target_epsilon": cfg.target_epsilon if plan.calibrated
+            else None,
+            "clip_norm": cfg.clip_norm, "tree_restart_rounds": accountant.max_rounds,
+            "rounds_per_pass": accountant.rounds_per_pass,
+            "participation": accountant.participation, "accountant": "rdp",
+            "sampling": sampling, "adjacency": adjacency, "rounds": accountant.rounds,
+            "assumptions": assumptions,
+            "statement": f"client-level ({eps:.4g}, {plan.delta:.3g})-DP for all "
+                         f"{accountant.rounds} released models (DP-FTRL tree aggregation, "
+                         f"z={accountant.noise_multiplier:.4g} per node, tree restarted "
+                         f"every {accountant.max_rounds} rounds, {passes}; {adjacency}; "
+                         f"{sampling}, a fixed data-independent order, no sampling "
+                         "amplification; rdp)"}
+
+
+def _privacy_summary(accountant: Accountant | DPFTRLAccountant | None, plan: Any,
                      cfg: ExperimentConfig) -> dict[str, Any]:
     """The summary's ``privacy`` block: the guarantee in words and its parameters."""
     if accountant is None:
         return {"dp": False, "aggregator": cfg.aggregator,
                 "statement": "no formal DP guarantee (no noise is added); epsilon = inf"}
+    if isinstance(accountant, DPFTRLAccountant):
+        return _dp_ftrl_summary(accountant, plan, cfg)
     spec = accountant.config.sampling
     adjacency = ("add/remove one client" if spec.kind == "poisson"
                  else "replace one client")

@@ -16,15 +16,21 @@
   :func:`~fedjax_sim.server.noise.dp_fedavg_aggregator`: clip, unweighted sum, Gaussian
   noise ``N(0, (z S)^2)``, divide by the expected cohort (``cohort_size`` for fixed-size
   sampling, ``sampling_rate * num_clients`` for Poisson); with adaptive clipping it is
-  the fused variant of Andrew et al. 2021 whose effective multiplier is ``z``;
+  the fused variant of Andrew et al. 2021 whose effective multiplier is ``z``.
+  ``aggregator="dp_ftrl"`` is :func:`~fedjax_sim.server.dp_ftrl.dp_ftrl_aggregator`:
+  clip, unweighted sum, DP-FTRL tree noise (node std ``z S``, tree restarted every
+  ``cfg.ftrl_max_rounds`` rounds), divide by ``cohort_size``, under a
+  :class:`~fedjax_sim.sampling.CyclicSampler` (seeded by ``cfg.seed``);
 * the **privacy** settings: the noise multiplier (given, or calibrated from
   ``target_epsilon`` with :func:`~fedjax_sim.privacy.calibrate_noise_multiplier` for
   ``rounds`` rounds of the sampler's :class:`~fedjax_sim.privacy.SamplingSpec` at
   ``delta``) and the resolved ``delta``.
 
-The accountant itself is built by :func:`privacy_config_for` from what runs:
-``privacy_spec_from_transform_infos(transform_infos(transform), sampling_spec(sampler))``,
-so the ledger cannot drift from the chain the round executes.
+The accountant itself is built by :func:`accountant_for` from what runs:
+``privacy_spec_from_transform_infos(transform_infos(transform), sampling_spec(sampler))``
+(DP-FedAvg), or for DP-FTRL a :class:`~fedjax_sim.privacy.accounting.DPFTRLAccountant`
+from the tree transform's own info and the cyclic sampler's pass length, so the ledger
+cannot drift from the chain the round executes.
 
 Guarantee of a DP run (``cfg.dp``): the sequence of all released global models is
 (epsilon, delta)-DP at the client level, with add/remove-one-client adjacency for
@@ -34,6 +40,9 @@ round, the noise key secret, and no cohort truncation. Truncation: a Poisson coh
 padded to a static capacity; the capacity is set so that
 ``rounds * P[Binomial(N, q) > capacity] <= 1e-3 * delta`` (reported as
 ``poisson_overflow_probability``), which changes delta by a negligible amount.
+DP-FTRL runs have replace-one-client-with-zero adjacency instead, and assume the cyclic
+order is fixed in advance and puts a client at most once in each tree (see
+:class:`~fedjax_sim.privacy.accounting.DPFTRLAccountant`).
 Diagnostics in ``metrics.jsonl`` (training loss, the fraction of clients clipped, ...)
 are computed from raw client data for the simulation's sake; they are not covered by the
 guarantee, only the models are.
@@ -55,16 +64,23 @@ import jax.numpy as jnp
 
 from fedjax_sim._validation import fail
 from fedjax_sim.config import ExperimentConfig
-from fedjax_sim.privacy import (PrivacyConfig, SamplingSpec, calibrate_noise_multiplier,
-                                poisson_overflow_probability,
+from fedjax_sim.config import PLAIN_SGD_ALGORITHMS
+from fedjax_sim.privacy import (Accountant, PrivacyConfig, SamplingSpec,
+                                calibrate_noise_multiplier, poisson_overflow_probability,
                                 privacy_spec_from_transform_infos)
-from fedjax_sim.sampling import FixedSizeSampler, PoissonSampler, Sampler
+from fedjax_sim.privacy.accounting import (DPFTRLAccountant,
+                                           calibrate_dp_ftrl_noise_multiplier,
+                                           cyclic_rounds_per_pass,
+                                           dp_ftrl_accountant_from_transform_infos,
+                                           dp_ftrl_participation)
+from fedjax_sim.sampling import CyclicSampler, FixedSizeSampler, PoissonSampler, Sampler
 from fedjax_sim.server import (AdaptiveClipState, CohortUpdates, ServerTransform, chain,
                                clip_per_client, per_client_l2_norms, transform_infos,
                                weighted_mean, zero_masked)
 from fedjax_sim.server.base import StreamingReducer
 from fedjax_sim.server.clipping import adaptive_clip
 from fedjax_sim.server.compression import stochastic_quantize, top_k_sparsify
+from fedjax_sim.server.dp_ftrl import dp_ftrl_aggregator
 from fedjax_sim.server.noise import dp_fedavg_aggregator
 from fedjax_sim.server.pairwise import bulyan, krum, multi_krum
 from fedjax_sim.server.reducers import (centered_clipping, coordinate_median,
@@ -117,9 +133,11 @@ def poisson_capacity(num_clients: int, rate: float, tail: float) -> int:
 
 def make_sampler(cfg: ExperimentConfig, num_clients: int) -> Sampler:
     """The config's sampler; a DP Poisson run gets an overflow-safe capacity."""
-    if cfg.sampling == "fixed":
+    if cfg.sampling in ("fixed", "cyclic"):
         if cfg.cohort_size > num_clients:
             fail("cohort_size", cfg.cohort_size, f"exceeds num_clients={num_clients}")
+        if cfg.sampling == "cyclic":
+            return CyclicSampler(num_clients, cfg.cohort_size, seed=cfg.seed)
         return FixedSizeSampler(num_clients, cfg.cohort_size)
     if not cfg.dp:  # The sampler's default: overflow below 1e-10 per round.
         return PoissonSampler(num_clients, cfg.sampling_rate)
@@ -129,8 +147,11 @@ def make_sampler(cfg: ExperimentConfig, num_clients: int) -> Sampler:
 
 
 def sampling_spec(sampler: Sampler) -> SamplingSpec:
-    """The accounting view of a sampler, read from its ``privacy_sampling``."""
+    """The accounting view of a random sampler, read from its ``privacy_sampling``."""
     s = sampler.privacy_sampling
+    if s["sampling"] not in ("poisson", "fixed"):
+        fail("sampling", s["sampling"], "has no sampling amplification to account; a "
+             "cyclic schedule is accounted with DP-FTRL (aggregator='dp_ftrl')")
     if s["sampling"] == "poisson":
         return SamplingSpec.poisson(s["rate"], population_size=s["num_clients"])
     return SamplingSpec.fixed(s["cohort_size"], s["num_clients"])
@@ -142,6 +163,44 @@ def privacy_config_for(transform: ServerTransform, sampler: Sampler, *, accounta
     return privacy_spec_from_transform_infos(transform_infos(transform),
                                              sampling_spec(sampler), accountant=accountant,
                                              delta=delta)
+
+
+def rounds_per_pass(sampler: Sampler) -> int:
+    """A cyclic sampler's no-repeat window, ``num_clients // cohort_size`` rounds."""
+    s = sampler.privacy_sampling
+    if s["sampling"] != "cyclic":
+        fail("sampling", s["sampling"], "DP-FTRL is accounted only under a cyclic schedule "
+             "(a data-independent order in which a client is at most once per tree)")
+    return cyclic_rounds_per_pass(s["num_clients"], s["cohort_size"])
+
+
+def accountant_for(transform: ServerTransform, sampler: Sampler, *, accountant: str,
+                   delta: float) -> Accountant | DPFTRLAccountant:
+    """The privacy ledger of ``transform`` run under ``sampler``, read from the chain.
+
+    A chain with a DP-FTRL tree transform gets a
+    :class:`~fedjax_sim.privacy.accounting.DPFTRLAccountant` (its noise multiplier and tree
+    size from the transform's info, the no-repeat window from the cyclic sampler); any
+    other noisy chain an :class:`~fedjax_sim.privacy.Accountant` of
+    :func:`privacy_config_for`.
+    """
+    infos = transform_infos(transform)
+    flat = list(_flat_infos(infos))
+    if any(i.get("name") == "dp_ftrl_tree" for i in flat):
+        if accountant != "rdp":
+            fail("accountant", accountant, "DP-FTRL is accounted with rdp")
+        return dp_ftrl_accountant_from_transform_infos(
+            infos, rounds_per_pass=rounds_per_pass(sampler), delta=delta)
+    return Accountant(privacy_config_for(transform, sampler, accountant=accountant,
+                                         delta=delta))
+
+
+def _flat_infos(infos):
+    for info in infos:
+        if "chain" in info:
+            yield from _flat_infos(info["chain"])
+        else:
+            yield info
 
 
 # ------------------------------------------------------------------ clip diagnostics
@@ -258,6 +317,7 @@ class ServerPlan:
       clipping: True when a clipping transform runs (clip diagnostics are recorded).
       poisson_overflow_probability: ``rounds * P[cohort overflow]`` for Poisson, else 0.
       notes: one-line messages for the user (host side).
+      ftrl_max_rounds: the DP-FTRL tree size the chain runs with (0 without DP-FTRL).
     """
 
     sampler: Sampler
@@ -270,6 +330,7 @@ class ServerPlan:
     clipping: bool
     poisson_overflow_probability: float
     notes: tuple[str, ...] = ()
+    ftrl_max_rounds: int = 0
 
 
 _SERVER_KEY_TAG = 1_000_003
@@ -332,9 +393,24 @@ def build_server(cfg: ExperimentConfig, *, key: jax.Array,
     notes = []
     z = cfg.noise_multiplier
     calibrated = False
+    ftrl_max_rounds = 0
+    if cfg.aggregator == "dp_ftrl":
+        ftrl_max_rounds = cfg.ftrl_restart_rounds or rounds_per_pass(sampler)
+        if ftrl_max_rounds > rounds_per_pass(sampler):
+            fail("ftrl_restart_rounds", cfg.ftrl_restart_rounds,
+                 f"exceeds one pass over the {n} clients ({rounds_per_pass(sampler)} rounds)")
+        if cfg.algorithm not in PLAIN_SGD_ALGORITHMS:
+            notes.append(f"note: algorithm={cfg.algorithm!r} post-processes DP-FTRL's noisy "
+                         "prefix sums (same guarantee), but its server step is not FTRL; "
+                         "use fedavg, fedsgd or fedprox for DP-FTRL proper")
     if cfg.dp and cfg.target_epsilon > 0:
-        z = calibrate_noise_multiplier(cfg.target_epsilon, delta, cfg.rounds,
-                                       sampling_spec(sampler), accountant=cfg.accountant)
+        if cfg.aggregator == "dp_ftrl":
+            z = calibrate_dp_ftrl_noise_multiplier(
+                cfg.target_epsilon, delta, cfg.rounds, max_rounds=ftrl_max_rounds,
+                participation=dp_ftrl_participation(cfg.rounds, rounds_per_pass(sampler)))
+        else:
+            z = calibrate_noise_multiplier(cfg.target_epsilon, delta, cfg.rounds,
+                                           sampling_spec(sampler), accountant=cfg.accountant)
         calibrated = True
         _check_adaptive_noise(cfg, z)
         notes.append(f"calibrated noise_multiplier={z:.4f} for target_epsilon="
@@ -349,7 +425,10 @@ def build_server(cfg: ExperimentConfig, *, key: jax.Array,
 
     clipping = cfg.clip_norm > 0
     fixed_clip = None if cfg.adaptive_clipping else cfg.clip_norm
-    if cfg.aggregator == "dp_fedavg":
+    if cfg.aggregator == "dp_ftrl":
+        core = dp_ftrl_aggregator(cfg.clip_norm, z, cfg.cohort_size, ftrl_max_rounds,
+                                  key=noise_key)
+    elif cfg.aggregator == "dp_fedavg":
         core = dp_fedavg_aggregator(cfg.clip_norm, z, cfg.expected_cohort, key=noise_key,
                                     adaptive=cfg.adaptive_clipping,
                                     target_quantile=cfg.target_quantile,
@@ -382,10 +461,11 @@ def build_server(cfg: ExperimentConfig, *, key: jax.Array,
     return ServerPlan(sampler=sampler, transform=transform, weighting=cfg.client_weighting,
                       dp=cfg.dp, noise_multiplier=float(z) if cfg.dp else 0.0, delta=delta,
                       calibrated=calibrated, clipping=clipping,
-                      poisson_overflow_probability=float(overflow), notes=tuple(notes))
+                      poisson_overflow_probability=float(overflow), notes=tuple(notes),
+                      ftrl_max_rounds=ftrl_max_rounds)
 
 
-__all__ = ["ClipDiagnostics", "OVERFLOW_BUDGET", "ServerPlan", "build_server",
-           "clip_diagnostics", "default_delta", "make_sampler", "poisson_capacity",
-           "privacy_config_for", "resolved_delta", "sampling_spec", "server_key",
-           "with_clip_diagnostics"]
+__all__ = ["ClipDiagnostics", "OVERFLOW_BUDGET", "ServerPlan", "accountant_for",
+           "build_server", "clip_diagnostics", "default_delta", "make_sampler",
+           "poisson_capacity", "privacy_config_for", "resolved_delta", "rounds_per_pass",
+           "sampling_spec", "server_key", "with_clip_diagnostics"]

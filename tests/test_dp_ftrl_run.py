@@ -1,0 +1,270 @@
+"""DP-FTRL as a `fedjax-sim run` choice: config validation, the cyclic schedule, the
+per-round accounting against a direct RDP computation, and the model against a reference
+round without the tree noise."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
+
+from fedjax_sim._validation import ConfigError
+from fedjax_sim.algorithms import make_algorithm
+from fedjax_sim.cli import main
+from fedjax_sim.config import make_config
+from fedjax_sim.models import make_model
+from fedjax_sim.privacy import dp_ftrl_epsilon, tree_depth
+from fedjax_sim.privacy import cli as privacy_cli
+from fedjax_sim.privacy.accounting import (DPFTRLAccountant,
+                                           dp_ftrl_accountant_from_transform_infos)
+from fedjax_sim.rounds import make_round
+from fedjax_sim.runner import build_data, run_experiment
+from fedjax_sim.sampling import CyclicSampler
+from fedjax_sim.server import chain, clip_per_client, dp_mean_normalize, sum_updates
+from fedjax_sim.server.dp_ftrl import DPFTRLTreeState, tree_prefix_noise
+from fedjax_sim.server_config import accountant_for, build_server
+
+# 60 clients, 20 per round: one pass is 3 rounds; trees of 2 rounds.
+SMALL = dict(data="synthetic", num_clients=60, cohort_size=20, rounds=5, max_examples=16,
+             eval_clients=20, local_epochs=1)
+FTRL = dict(aggregator="dp_ftrl", sampling="cyclic", clip_norm=0.1, noise_multiplier=2.0)
+
+INVALID = [
+    # (overrides, start of the message: the field and its value, another fragment)
+    ({**FTRL, "sampling": "fixed"}, "sampling='fixed'", "data-independent"),
+    ({**FTRL, "sampling": "poisson"}, "sampling='poisson'", "amplification"),
+    ({**FTRL, "clip_norm": 0.0}, "noise_multiplier=2.0", "clip_norm > 0"),
+    ({**FTRL, "clip_norm": 0.0, "noise_multiplier": 0.0}, "clip_norm=0.0", "dp_ftrl"),
+    ({**FTRL, "noise_multiplier": 0.0}, "noise_multiplier=0.0", "dp_ftrl"),
+    ({**FTRL, "adaptive_clipping": True}, "adaptive_clipping=True", "tree"),
+    ({**FTRL, "ftrl_restart_rounds": 4}, "ftrl_restart_rounds=4", "3 rounds"),
+    # 100 // 30 = 3 rounds per pass, although ceil(100 / 30) = 4 rounds reach everyone.
+    ({**FTRL, "num_clients": 100, "cohort_size": 30, "ftrl_restart_rounds": 4},
+     "ftrl_restart_rounds=4", "twice"),
+    ({**FTRL, "ftrl_restart_rounds": -1}, "ftrl_restart_rounds=-1", ">= 0"),
+    ({"ftrl_restart_rounds": 2}, "ftrl_restart_rounds=2", "dp_ftrl"),
+    ({**FTRL, "accountant": "pld"}, "accountant='pld'", "RDP"),
+    ({**FTRL, "weighting": "examples"}, "weighting='examples'", "uniform"),
+    ({**FTRL, "noise_multiplier": 0.0, "target_epsilon": 2.0, "delta": 0.1},
+     "delta=0.1", "1/num_clients"),
+    ({"aggregator": "dp_fedavg", "clip_norm": 0.1, "noise_multiplier": 1.0,
+      "sampling": "cyclic"}, "sampling='cyclic'", "dp_ftrl"),
+    ({"sampling": "cyclic", "cohort_size": 61}, "cohort_size=61", "num_clients"),
+]
+
+
+@pytest.mark.parametrize("overrides,start,fragment", INVALID,
+                         ids=[f"{i}-{c[1].split('=')[0]}" for i, c in enumerate(INVALID)])
+def test_invalid_dp_ftrl_configs_are_one_line_errors(overrides, start, fragment):
+    with pytest.raises(ConfigError) as e:
+        make_config({**SMALL, **overrides})
+    msg = str(e.value)
+    assert msg.startswith(start) and fragment in msg and "\n" not in msg
+
+
+def test_cli_run_rejects_dp_ftrl_without_cyclic_in_one_line(capsys):
+    rc = main(["run", "--aggregator", "dp_ftrl", "--clip-norm", "1", "--noise-multiplier",
+               "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip() == ("fedjax-sim run: error: sampling='fixed': aggregator='dp_ftrl' "
+                           "needs sampling='cyclic': the tree mechanism's guarantee "
+                           "assumes a data-independent participation schedule, and "
+                           "amplification by sampling is not claimed")
+
+
+def test_valid_configs_and_plan():
+    cfg = make_config({**SMALL, **FTRL})
+    assert cfg.dp and cfg.client_weighting == "uniform" and cfg.ftrl_max_rounds == 3
+    assert make_config({**SMALL, **FTRL, "num_clients": 100,
+                        "cohort_size": 30}).ftrl_max_rounds == 3  # floor, not ceil
+    plan = build_server(cfg, key=jax.random.key(0))
+    assert isinstance(plan.sampler, CyclicSampler) and plan.ftrl_max_rounds == 3
+    names = [i.get("name") for i in plan.transform.info["chain"]]
+    assert names == ["clip_per_client", "sum_updates", "dp_ftrl_tree", "dp_mean_normalize"]
+    assert plan.transform.streaming is not None
+    # Cyclic sampling also works with any aggregator, without DP.
+    plain = build_server(make_config({**SMALL, "sampling": "cyclic",
+                                      "aggregator": "median"}), key=jax.random.key(0))
+    assert isinstance(plain.sampler, CyclicSampler) and not plain.dp
+    # A momentum server only post-processes the released sums: allowed, with a note.
+    notes = build_server(make_config({**SMALL, **FTRL, "algorithm": "fedavgm"}),
+                         key=jax.random.key(0)).notes
+    assert any("not FTRL" in n for n in notes)
+    assert not any("not FTRL" in n for n in plan.notes)
+
+
+@pytest.mark.parametrize("n,m", [(10, 3), (100, 30), (7, 7)])
+def test_cyclic_pass_has_no_repeated_client_but_one_more_round_may(n, m):
+    sampler = CyclicSampler(n, m, seed=1)
+    per_pass = n // m
+    rounds = jnp.arange(3 * per_pass + 2)
+    ids = np.asarray(jax.jit(jax.vmap(
+        lambda r: sampler.sample(jax.random.key(0), r).ids))(rounds))
+    for start in range(len(ids) - per_pass + 1):
+        window = np.concatenate(ids[start:start + per_pass])
+        assert len(set(window.tolist())) == window.size
+    if n % m:  # ceil(n / m) consecutive rounds repeat a client.
+        window = np.concatenate(ids[:per_pass + 1])
+        assert len(set(window.tolist())) < window.size
+
+
+def _direct_epsilon(z, rounds, restart, per_pass, delta):
+    """RDP of the tree (Kairouz et al. App. D) by hand: alpha * D / (2 z^2) with D the
+    deepest tree within one pass, and the sum of the trees' depths after it."""
+    trees = [restart] * (rounds // restart) + ([rounds % restart] if rounds % restart else [])
+    depth = (tree_depth(max(trees)) if rounds <= per_pass
+             else sum(tree_depth(t) for t in trees))
+    orders = np.array(rdp_lib.DEFAULT_RDP_ORDERS)
+    return rdp_lib.compute_epsilon(orders, orders * depth / (2 * z ** 2), delta)[0]
+
+
+def test_run_epsilon_per_round_matches_direct_accounting(tmp_path, capsys):
+    cfg = make_config({**SMALL, **FTRL, "ftrl_restart_rounds": 2})
+    summary = run_experiment(cfg, output_dir=str(tmp_path), progress=False)
+    rows = [json.loads(line) for line in
+            (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    delta = 60 ** -1.1
+    assert [r["round"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(r["delta"] == pytest.approx(delta) and r["noise_multiplier"] == 2.0
+               for r in rows)
+    eps = [r["epsilon"] for r in rows]
+    want = [_direct_epsilon(2.0, t, 2, 3, delta) for t in range(1, 6)]
+    np.testing.assert_allclose(eps, want, rtol=1e-9)
+    participation = ["once"] * 3 + ["once_per_tree"] * 2
+    np.testing.assert_allclose(
+        eps, [dp_ftrl_epsilon(2.0, t, delta, max_rounds=2, participation=p)
+              for t, p in zip(range(1, 6), participation)], rtol=1e-12)
+    assert all(b >= a for a, b in zip(eps, eps[1:]))
+    assert eps[2] == eps[1] and eps[3] > eps[2]  # 3rd round: a new tree, same pass
+    privacy = summary["privacy"]
+    assert summary["epsilon"] == eps[-1] == privacy["epsilon"]
+    assert privacy["mechanism"] == "dp_ftrl_tree" and privacy["tree_restart_rounds"] == 2
+    assert privacy["rounds_per_pass"] == 3 and privacy["participation"] == "once_per_tree"
+    statement = privacy["statement"]
+    for fragment in ("replace one client with zero", "cyclic(m=20, n=60)",
+                     "data-independent", "no sampling amplification"):
+        assert fragment in statement
+    assert any("at most one round per tree" in a for a in privacy["assumptions"])
+    assert "privacy: client-level" in capsys.readouterr().err
+    # `fedjax-sim privacy` gives the run's epsilon for the same cyclic schedule.
+    import argparse
+    parser = argparse.ArgumentParser()
+    privacy_cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["privacy", "--mechanism", "dp_ftrl_tree",
+                              "--noise-multiplier", "2", "--rounds", "5", "--delta",
+                              repr(delta), "--cohort-size", "20", "--population", "60",
+                              "--max-rounds", "2", "--json"])
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["epsilon"] == pytest.approx(eps[-1], rel=1e-12)
+    assert out["participation"] == "once_per_tree" and out["rounds_per_pass"] == 3
+
+
+def _tree_state(transform_state):
+    nodes = jax.tree.leaves(transform_state,
+                            is_leaf=lambda x: isinstance(x, DPFTRLTreeState))
+    (tree,) = [n for n in nodes if isinstance(n, DPFTRLTreeState)]
+    return tree
+
+
+def test_model_is_clipped_sums_plus_tree_noise():
+    """Each round's step equals a plain clip-sum-divide round from the same params and
+    key plus (N_t - N_{t-1}) / cohort (plain SGD server, lr 1), so the model is theta_0 +
+    (prefix sum of clipped sums + N_t) / cohort, with N_t the tree's own noise."""
+    cfg = make_config({**SMALL, **FTRL, "rounds": 4})
+    data = build_data(cfg)
+    model = make_model(cfg.model, data.example_shape, data.num_classes, hidden=cfg.hidden)
+    plan = build_server(cfg, key=jax.random.key(7))
+    common = dict(client_lr=cfg.client_lr, local_epochs=cfg.local_epochs,
+                  batch_size=cfg.batch_size, weighting=plan.weighting)
+    m = cfg.cohort_size
+    ftrl = make_round(model, make_algorithm("fedavg", server_transform=plan.transform,
+                                            **common), plan.sampler,
+                      max_examples=data.population.max_examples)
+    ref_transform = chain(clip_per_client(cfg.clip_norm), sum_updates(),
+                          dp_mean_normalize(float(m)))
+    ref = make_round(model, make_algorithm("fedavg", server_transform=ref_transform,
+                                           **common), plan.sampler,
+                     max_examples=data.population.max_examples)
+    state = ftrl.init(jax.random.key(1))
+    ref_transform_state = ref.init(jax.random.key(1)).transform_state
+    seen = []
+    clipped_any = False
+    for r in range(cfg.rounds):
+        key = jax.random.fold_in(jax.random.key(2), r)
+        new, out = ftrl.step(state, data.population, key)
+        want, ref_out = ref.step(state.replace(transform_state=ref_transform_state),
+                                 data.population, key)
+        np.testing.assert_array_equal(out.client_ids, ref_out.client_ids)
+        seen.append(np.asarray(out.client_ids))
+        clipped_any |= bool(np.max(out.client_metrics["update_norm"]) > cfg.clip_norm)
+        noise_step = jax.tree.map(lambda a, b: (a - b) / m,
+                                  tree_prefix_noise(_tree_state(new.transform_state)),
+                                  tree_prefix_noise(_tree_state(state.transform_state)))
+        for got, w, n in zip(jax.tree.leaves(new.params), jax.tree.leaves(want.params),
+                             jax.tree.leaves(noise_step)):
+            np.testing.assert_allclose(got, w + n, atol=2e-5, rtol=1e-5)
+        assert max(float(jnp.max(jnp.abs(n))) for n in jax.tree.leaves(noise_step)) > 1e-3
+        state = new
+    assert clipped_any  # clipping is active, so a chain without it would fail above
+    one_pass = np.concatenate(seen[:3])
+    assert sorted(one_pass.tolist()) == list(range(60))  # each client once per pass
+    np.testing.assert_array_equal(seen[3], seen[0])
+
+
+def test_target_epsilon_is_calibrated_for_the_cyclic_run():
+    cfg = make_config({**SMALL, **FTRL, "noise_multiplier": 0.0, "target_epsilon": 3.0,
+                       "rounds": 7})
+    plan = build_server(cfg, key=jax.random.key(0))
+    acc = accountant_for(plan.transform, plan.sampler, accountant="rdp", delta=plan.delta)
+    assert isinstance(acc, DPFTRLAccountant) and plan.calibrated
+    assert acc.noise_multiplier == pytest.approx(plan.noise_multiplier)
+    acc.record_round(7)
+    assert acc.participation == "once_per_tree"
+    assert 0.999 * 3.0 <= acc.epsilon() <= 3.0
+
+
+CLIP = {"name": "clip_per_client", "clip_norm": 0.5, "sensitivity": 0.5, "per_client": True}
+SUM = {"name": "sum_updates", "weighted": False}
+TREE = {"name": "dp_ftrl_tree", "noise_multiplier": 2.0, "clip_norm": 1.0, "max_rounds": 4}
+
+
+def test_accountant_from_infos_reads_the_tree_and_the_bound():
+    acc = dp_ftrl_accountant_from_transform_infos([CLIP, SUM, TREE], rounds_per_pass=6,
+                                                  delta=1e-5)
+    # Node noise std 2.0 * 1.0 over the real bound 0.5: the accounted multiplier is 4.
+    assert acc.noise_multiplier == pytest.approx(4.0) and acc.max_rounds == 4
+    acc.record_round(4)
+    assert acc.epsilon() == pytest.approx(dp_ftrl_epsilon(4.0, 4, 1e-5, max_rounds=4))
+    assert acc.rounds_per_pass == 6 and acc.participation == "once"
+
+
+@pytest.mark.parametrize("infos,fragment", [
+    ([SUM, TREE], "bounds"),
+    ([CLIP, TREE], "sum_updates"),
+    ([CLIP, {"name": "sum_updates", "weighted": True}, TREE], "sum_updates"),
+    ([CLIP, SUM, TREE, {"name": "gaussian_noise", "noise_multiplier": 1.0,
+                        "sensitivity": 1.0}], "other noise"),
+    ([{"name": "adaptive_clip", "sensitivity": None}, SUM, TREE], "adaptive"),
+    ([CLIP, SUM], "exactly one"),
+])
+def test_accountant_from_infos_rejects(infos, fragment):
+    with pytest.raises(ConfigError, match="^infos=") as e:
+        dp_ftrl_accountant_from_transform_infos(infos, rounds_per_pass=6)
+    assert fragment in str(e.value)
+
+
+def test_accountant_rejects_a_tree_longer_than_a_pass():
+    with pytest.raises(ConfigError, match="^max_rounds=5: .*twice"):
+        DPFTRLAccountant(1.0, 5, rounds_per_pass=4)
+    acc = DPFTRLAccountant(1.0, 4, rounds_per_pass=4, delta=1e-5)
+    assert acc.epsilon() == 0.0
+    acc.record_round(9)  # trees [4, 4, 1], three passes: composed
+    want = _direct_epsilon(1.0, 9, 4, 4, 1e-5)
+    assert acc.epsilon() == pytest.approx(want, rel=1e-9)
+    assert math.isclose(acc.epsilon(), dp_ftrl_epsilon(1.0, 9, 1e-5, max_rounds=4,
+                                                       participation="once_per_tree"))
