@@ -8,6 +8,15 @@ Examples::
       --population 10000 --rounds 1000 --delta 1e-5 --json
   fedjax-sim privacy --mechanism dp_ftrl_tree --noise-multiplier 10 --rounds 1000 \\
       --delta 1e-5 [--max-rounds 1024] [--participation once|once_per_tree]
+  fedjax-sim privacy --mechanism dp_ftrl_tree --noise-multiplier 2 --rounds 300 \\
+      --delta 1e-6 --cohort-size 100 --population 10000 [--max-rounds 50]
+
+With ``--cohort-size M --population N`` the DP-FTRL epsilon is that of a
+``fedjax-sim run --aggregator dp_ftrl --sampling cyclic`` run (the same
+:class:`~fedjax_sim.privacy.accounting.DPFTRLAccountant`): the tree restarts every
+``--max-rounds`` rounds (default one pass, ``N // M`` rounds, the most it may be), and
+the participation follows from the cyclic order (at most once in total within one pass,
+then at most once per tree).
 
 Prints one line (or one JSON object with ``--json``) to stdout and returns 0; a bad
 configuration prints one ``fedjax-sim privacy: error: ...`` line to stderr and returns 2.
@@ -20,7 +29,7 @@ import json
 import sys
 from typing import Any
 
-from fedjax_sim._validation import ConfigError, check_float, fail
+from fedjax_sim._validation import ConfigError, check_float, check_int, fail
 from fedjax_sim.privacy import accounting as acc
 
 MECHANISMS = ("sampled_gaussian", "dp_ftrl_tree")
@@ -46,15 +55,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--sampling", choices=acc.SAMPLING_KINDS, default=None,
                    help="cohort sampling (required for sampled_gaussian)")
     p.add_argument("--rate", type=float, metavar="Q", help="Poisson inclusion probability")
-    p.add_argument("--cohort-size", type=int, metavar="M", help="fixed cohort size")
-    p.add_argument("--population", type=int, metavar="N", help="population size")
+    p.add_argument("--cohort-size", type=int, metavar="M",
+                   help="fixed cohort size (dp_ftrl_tree: of a cyclic schedule)")
+    p.add_argument("--population", type=int, metavar="N",
+                   help="population size (dp_ftrl_tree: of a cyclic schedule)")
     p.add_argument("--rounds", type=int, required=True, metavar="T")
     p.add_argument("--delta", type=float, required=True, metavar="D")
     p.add_argument("--accountant", choices=acc.ACCOUNTANTS, default="rdp")
     p.add_argument("--max-rounds", type=int, default=None,
-                   help="dp_ftrl_tree: tree size (restarts every this many rounds)")
-    p.add_argument("--participation", choices=acc.DP_FTRL_PARTICIPATION, default="once",
-                   help="dp_ftrl_tree: each client in at most one round overall / per tree")
+                   help="dp_ftrl_tree: tree size (restarts every this many rounds; with "
+                        "a cyclic schedule default one pass)")
+    p.add_argument("--participation", choices=acc.DP_FTRL_PARTICIPATION, default=None,
+                   help="dp_ftrl_tree without a cyclic schedule: each client in at most "
+                        "one round overall (default) / per tree")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=run)
     return p
@@ -81,26 +94,7 @@ def _compute(args) -> dict[str, Any]:
     out: dict[str, Any] = {"mechanism": args.mechanism, "rounds": args.rounds,
                            "delta": args.delta}
     if args.mechanism == "dp_ftrl_tree":
-        for flag, val in (("--sampling", args.sampling), ("--rate", args.rate),
-                          ("--cohort-size", args.cohort_size)):
-            if val is not None:
-                fail(flag, val, "not used by --mechanism dp_ftrl_tree (no sampling)")
-        if args.accountant != "rdp":
-            fail("--accountant", args.accountant, "dp_ftrl_tree is accounted with rdp")
-
-        def eps(z: float) -> float:
-            return acc.dp_ftrl_epsilon(z, args.rounds, args.delta, max_rounds=args.max_rounds,
-                                       participation=args.participation)
-
-        out.update(accountant="rdp", participation=args.participation,
-                   max_rounds=args.max_rounds, neighboring_relation="replace_special")
-        if args.target_epsilon is not None:
-            z = _calibrate_tree(eps, args.target_epsilon)
-            out.update(target_epsilon=args.target_epsilon, noise_multiplier=z, epsilon=eps(z))
-        else:
-            out.update(noise_multiplier=args.noise_multiplier,
-                       epsilon=eps(args.noise_multiplier))
-        return out
+        return _compute_dp_ftrl(args, out)
     if args.max_rounds is not None:
         fail("--max-rounds", args.max_rounds, "only for --mechanism dp_ftrl_tree")
     sampling = _sampling(args)
@@ -119,26 +113,60 @@ def _compute(args) -> dict[str, Any]:
     return out
 
 
-def _calibrate_tree(eps, target: float) -> float:
-    """Tree RDP is alpha * depth / (2 z^2): bisection on z (monotone)."""
-    target = check_float("--target-epsilon", target, min_value=0.0, min_exclusive=True)
-    lo, hi = 1e-3, 1.0
-    while eps(hi) > target:
-        lo, hi = hi, hi * 2
-        if hi > 2.0 ** 24:
-            fail("--target-epsilon", target, "unreachable for these settings")
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if eps(mid) > target else (lo, mid)
-        if hi - lo < 1e-6:
-            break
-    return hi
+def _compute_dp_ftrl(args, out: dict[str, Any]) -> dict[str, Any]:
+    """DP-FTRL tree aggregation: explicit participation, or that of a cyclic schedule."""
+    for flag, val in (("--sampling", args.sampling), ("--rate", args.rate)):
+        if val is not None:
+            fail(flag, val, "not used by --mechanism dp_ftrl_tree (no sampling)")
+    if args.accountant != "rdp":
+        fail("--accountant", args.accountant, "dp_ftrl_tree is accounted with rdp")
+    check_int("--rounds", args.rounds, min_value=1)
+    max_rounds, participation = args.max_rounds, args.participation or "once"
+    cyclic = args.cohort_size is not None or args.population is not None
+    if cyclic:
+        if args.cohort_size is None or args.population is None:
+            fail("--cohort-size" if args.cohort_size is None else "--population", None,
+                 "a cyclic schedule needs both --cohort-size M and --population N")
+        if args.participation is not None:
+            fail("--participation", args.participation,
+                 "follows from the cyclic schedule (--cohort-size, --population)")
+        per_pass = acc.cyclic_rounds_per_pass(args.population, args.cohort_size)
+        max_rounds = per_pass if max_rounds is None else max_rounds
+        if max_rounds > per_pass:
+            fail("--max-rounds", max_rounds,
+                 f"exceeds one pass of the cyclic schedule (N // M = {per_pass} rounds): a "
+                 "client could contribute twice to one tree")
+        participation = acc.dp_ftrl_participation(args.rounds, per_pass)
+        out.update(sampling=f"cyclic(m={args.cohort_size}, n={args.population})",
+                   rounds_per_pass=per_pass)
+    out.update(accountant="rdp", participation=participation, max_rounds=max_rounds,
+               neighboring_relation="replace_special")
+    if args.target_epsilon is not None:
+        check_float("--target-epsilon", args.target_epsilon, min_value=0.0,
+                    min_exclusive=True)
+        z = acc.calibrate_dp_ftrl_noise_multiplier(
+            args.target_epsilon, args.delta, args.rounds, max_rounds=max_rounds,
+            participation=participation)
+        out.update(target_epsilon=args.target_epsilon, noise_multiplier=z)
+    else:
+        z = args.noise_multiplier
+        out.update(noise_multiplier=z)
+    out["epsilon"] = acc.dp_ftrl_epsilon(z, args.rounds, args.delta, max_rounds=max_rounds,
+                                         participation=participation)
+    return out
 
 
 def _format(out: dict[str, Any]) -> str:
-    where = (f"rounds={out['rounds']}, delta={out['delta']:g}, "
-             f"{out.get('sampling', out['mechanism'])}, {out['accountant']} accountant, "
-             f"{out['neighboring_relation']} client adjacency")
+    if out["mechanism"] == "dp_ftrl_tree":
+        tree = ("one tree" if out["max_rounds"] is None
+                else f"tree restarted every {out['max_rounds']} rounds")
+        what = f"dp_ftrl_tree ({tree}, participation {out['participation']}"
+        what += f", {out['sampling']})" if "sampling" in out else ")"
+    else:
+        what = out["sampling"]
+    where = (f"rounds={out['rounds']}, delta={out['delta']:g}, {what}, "
+             f"{out['accountant']} accountant, {out['neighboring_relation']} client "
+             "adjacency")
     if "target_epsilon" in out:
         return (f"noise_multiplier = {out['noise_multiplier']:.6g} (epsilon = "
                 f"{out['epsilon']:.6g} <= target {out['target_epsilon']:g}; {where})")
