@@ -41,7 +41,9 @@ build is assembled by :mod:`fedjax_sim.server_config`):
   ``theta_0 + server_lr * (noisy prefix sum) / cohort_size``. Any other server optimiser
   (``fedavgm``'s momentum, ``fedadam``, ...) only post-processes the released noisy sums,
   so the guarantee holds, but the server step is no longer FTRL. It is allowed, and the
-  run prints a note.
+  run prints a note. ``ftrl_efficient=true`` uses Honaker's variance-reduced estimate of
+  the tree nodes (the "efficient" tree of Kairouz et al. Sec. 4): less noise in every
+  released sum, the same node noise and the same privacy accounting.
 
 Decided on purpose (each is a one-line ConfigError naming the field and value): DP noise
 only with ``dp_fedavg`` (robust reducers are not sums, so the Gaussian mechanism's
@@ -139,6 +141,7 @@ class ExperimentConfig:
     delta: float = 0.0  # 0: num_clients ** -1.1
     accountant: str = "rdp"
     ftrl_restart_rounds: int = 0  # dp_ftrl tree size; 0: one pass, num_clients // cohort_size
+    ftrl_efficient: bool = False  # dp_ftrl: Honaker's variance-reduced tree estimator
     num_byzantine: int = 0  # f assumed by krum, multi_krum, bulyan
     trim_fraction: float = 0.1  # trimmed_mean: fraction cut from each side
     multi_krum_selected: int = 0  # multi_krum: 0 means cohort - num_byzantine
@@ -355,6 +358,9 @@ class ExperimentConfig:
         agg = self.aggregator
         restart = check_int("ftrl_restart_rounds", self.ftrl_restart_rounds, min_value=0)
         self._only_with("ftrl_restart_rounds", agg == "dp_ftrl", "aggregator='dp_ftrl'")
+        if not isinstance(self.ftrl_efficient, bool):
+            fail("ftrl_efficient", self.ftrl_efficient, "must be true or false")
+        self._only_with("ftrl_efficient", agg == "dp_ftrl", "aggregator='dp_ftrl'")
         if agg != "dp_ftrl":
             return
         if self.sampling != "cyclic":

@@ -19,8 +19,9 @@
   the fused variant of Andrew et al. 2021 whose effective multiplier is ``z``.
   ``aggregator="dp_ftrl"`` is :func:`~fedjax_sim.server.dp_ftrl.dp_ftrl_aggregator`:
   clip, unweighted sum, DP-FTRL tree noise (node std ``z S``, tree restarted every
-  ``cfg.ftrl_max_rounds`` rounds), divide by ``cohort_size``, under a
-  :class:`~fedjax_sim.sampling.CyclicSampler` (seeded by ``cfg.seed``);
+  ``cfg.ftrl_max_rounds`` rounds; Honaker's estimator with ``ftrl_efficient``), divide
+  by ``cohort_size``, under a :class:`~fedjax_sim.sampling.CyclicSampler` (seeded by
+  ``cfg.seed``);
 * the **privacy** settings: the noise multiplier (given, or calibrated from
   ``target_epsilon`` with :func:`~fedjax_sim.privacy.calibrate_noise_multiplier` for
   ``rounds`` rounds of the sampler's :class:`~fedjax_sim.privacy.SamplingSpec` at
@@ -427,7 +428,7 @@ def build_server(cfg: ExperimentConfig, *, key: jax.Array,
     fixed_clip = None if cfg.adaptive_clipping else cfg.clip_norm
     if cfg.aggregator == "dp_ftrl":
         core = dp_ftrl_aggregator(cfg.clip_norm, z, cfg.cohort_size, ftrl_max_rounds,
-                                  key=noise_key)
+                                  key=noise_key, efficient=cfg.ftrl_efficient)
     elif cfg.aggregator == "dp_fedavg":
         core = dp_fedavg_aggregator(cfg.clip_norm, z, cfg.expected_cohort, key=noise_key,
                                     adaptive=cfg.adaptive_clipping,

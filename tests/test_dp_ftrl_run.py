@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
+from scipy import stats
 
 from fedjax_sim._validation import ConfigError
 from fedjax_sim.algorithms import make_algorithm
@@ -24,7 +25,9 @@ from fedjax_sim.rounds import make_round
 from fedjax_sim.runner import build_data, run_experiment
 from fedjax_sim.sampling import CyclicSampler
 from fedjax_sim.server import chain, clip_per_client, dp_mean_normalize, sum_updates
-from fedjax_sim.server.dp_ftrl import DPFTRLTreeState, tree_prefix_noise
+from fedjax_sim.server.dp_ftrl import (DPFTRLTreeState, dp_ftrl_aggregator,
+                                       dp_ftrl_tree_noise, efficient_node_variance,
+                                       tree_prefix_noise)
 from fedjax_sim.server_config import accountant_for, build_server
 
 # 60 clients, 20 per round: one pass is 3 rounds; trees of 2 rounds.
@@ -53,6 +56,7 @@ INVALID = [
     ({"aggregator": "dp_fedavg", "clip_norm": 0.1, "noise_multiplier": 1.0,
       "sampling": "cyclic"}, "sampling='cyclic'", "dp_ftrl"),
     ({"sampling": "cyclic", "cohort_size": 61}, "cohort_size=61", "num_clients"),
+    ({"ftrl_efficient": True}, "ftrl_efficient=True", "dp_ftrl"),
 ]
 
 
@@ -164,6 +168,23 @@ def test_run_epsilon_per_round_matches_direct_accounting(tmp_path, capsys):
     assert out["participation"] == "once_per_tree" and out["rounds_per_pass"] == 3
 
 
+@pytest.mark.parametrize("extra,start", [
+    (["--cohort-size", "100", "--population", "1000", "--max-rounds", "11"],
+     "--max-rounds=11: exceeds one pass"),
+    (["--cohort-size", "100"], "--population=None"),
+    (["--cohort-size", "100", "--population", "1000", "--participation", "once"],
+     "--participation='once'"),
+    (["--sampling", "fixed", "--cohort-size", "100", "--population", "1000"],
+     "--sampling='fixed'"),
+])
+def test_privacy_cli_cyclic_errors_are_one_line(extra, start, capsys):
+    rc = main(["privacy", "--mechanism", "dp_ftrl_tree", "--noise-multiplier", "2",
+               "--rounds", "30", "--delta", "1e-5", *extra])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"fedjax-sim privacy: error: {start}")
+
+
 def _tree_state(transform_state):
     nodes = jax.tree.leaves(transform_state,
                             is_leaf=lambda x: isinstance(x, DPFTRLTreeState))
@@ -268,3 +289,74 @@ def test_accountant_rejects_a_tree_longer_than_a_pass():
     assert acc.epsilon() == pytest.approx(want, rel=1e-9)
     assert math.isclose(acc.epsilon(), dp_ftrl_epsilon(1.0, 9, 1e-5, max_rounds=4,
                                                        participation="once_per_tree"))
+
+
+# ------------------------------------------------- Honaker's efficient tree estimator
+
+
+def _noise_paths(efficient, *, z=1.5, clip=2.0, denom=3.0, max_rounds=6, rounds=11,
+                 seeds=1000):
+    """Per seed and round: the running sum of what the transform emits minus the prefix
+    sum of the inputs, and the transform's own N_t ([seeds, rounds, 32] each)."""
+    params = jnp.zeros((32,), jnp.float32)
+    inputs = 0.1 * jnp.arange(1, rounds + 1, dtype=jnp.float32)[:, None] * jnp.ones(32)
+
+    def path(key):
+        tx = dp_ftrl_tree_noise(noise_multiplier=z, clip_norm=clip, max_rounds=max_rounds,
+                                key=key, denominator=denom, efficient=efficient)
+
+        def step(carry, x):
+            total, prefix, state = carry
+            y, state = tx.update(x, state)
+            carry = (total + y, prefix + x, state)
+            return carry, (total + y - (prefix + x), tree_prefix_noise(state))
+
+        init = (jnp.zeros_like(params), jnp.zeros_like(params), tx.init(params))
+        return jax.lax.scan(step, init, inputs)[1]
+
+    keys = jax.random.split(jax.random.key(4), seeds)
+    released, own = jax.jit(jax.vmap(path))(keys)
+    return np.asarray(released), np.asarray(own), (z * clip / denom) ** 2
+
+
+def test_efficient_tree_variance_matches_closed_form_and_beats_the_plain_tree():
+    eff, eff_own, var = _noise_paths(True)
+    plain, plain_own, _ = _noise_paths(False)
+    np.testing.assert_allclose(eff, eff_own, atol=1e-5)  # sum of outputs = prefix + N_t
+    np.testing.assert_allclose(plain, plain_own, atol=1e-5)
+    assert efficient_node_variance(0) == 1.0 and efficient_node_variance(1) == 2 / 3
+    for t in range(1, 12):
+        pos = (t - 1) % 6 + 1  # position in the current tree (restart after 6 rounds)
+        bits = [k for k in range(pos.bit_length()) if pos >> k & 1]
+        want = var * sum(efficient_node_variance(k) for k in bits)
+        want_plain = var * len(bits)
+        got, got_plain = np.var(eff[:, t - 1]), np.var(plain[:, t - 1])
+        # 32000 samples: the variance estimate's relative s.d. is ~0.8%.
+        assert got == pytest.approx(want, rel=0.03), t
+        assert got_plain == pytest.approx(want_plain, rel=0.03), t
+        assert abs(np.mean(eff[:, t - 1])) < 4 * math.sqrt(want / eff[:, t - 1].size)
+        if pos > 1:  # a node above the leaves is in the sum: strictly less noise
+            assert want <= 0.85 * want_plain and got < 0.9 * got_plain, t
+        else:
+            assert want == want_plain
+    last = eff[:, -1].ravel()
+    assert stats.kstest(last / math.sqrt(np.var(last)), "norm").pvalue > 1e-3
+
+
+def test_efficient_tree_keeps_the_accounting():
+    kwargs = dict(noise_multiplier=2.0, clip_norm=0.5, max_rounds=8, key=jax.random.key(0))
+    plain = dp_ftrl_tree_noise(**kwargs).info
+    eff = dp_ftrl_tree_noise(**kwargs, efficient=True).info
+    assert eff.pop("efficient") and not plain.pop("efficient") and eff == plain
+    accs = []
+    for efficient in (False, True):
+        t = dp_ftrl_aggregator(0.5, 2.0, 10, 8, key=jax.random.key(0), efficient=efficient)
+        acc = dp_ftrl_accountant_from_transform_infos(t.info, rounds_per_pass=8,
+                                                      delta=1e-5)
+        acc.record_round(12)
+        accs.append(acc.epsilon())
+    assert accs[0] == accs[1] == dp_ftrl_epsilon(2.0, 12, 1e-5, max_rounds=8,
+                                                 participation="once_per_tree")
+    cfg = make_config({**SMALL, **FTRL, "ftrl_efficient": True})
+    tree = build_server(cfg, key=jax.random.key(0)).transform.info["chain"][2]
+    assert tree["name"] == "dp_ftrl_tree" and tree["efficient"] is True
