@@ -23,8 +23,10 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from fedjax_sim._threefry import stream_bits
 from fedjax_sim._validation import check_choice, check_float, check_int, fail
 from fedjax_sim.data.federated import ClientData
 from fedjax_sim.models import Model
@@ -86,15 +88,36 @@ def _tree_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def epoch_order(key: jax.Array, mask: jax.Array) -> jax.Array:
-    """A random order of the example slots with every real example before any padding.
+PACKED_SORT_MAX_EXAMPLES = 256
+"""Clients padded to at most this many examples are shuffled by sorting one packed word per
+slot (random bits above, the slot index below); larger ones by a (key, index) argsort."""
 
-    Slot i's sort key is the i-th draw of ``uniform(key, (N,))``; with JAX's
-    partitionable threefry (the default since JAX 0.5) that draw depends on i alone, not
-    on N, so the order of the real examples does not depend on how much padding follows.
+
+def epoch_order(key: jax.Array, mask: jax.Array, epoch: int | jax.Array = 0) -> jax.Array:
+    """The slot order of local epoch ``epoch``: random, every real example before padding.
+
+    Slot i draws word i of the Threefry stream ``epoch`` of the client's ``key``
+    (:func:`fedjax_sim._threefry.stream_bits`; it depends on i alone, not on N, so the
+    order of the real examples does not depend on how much padding follows). Real slots
+    are ordered by their random word, padding slots after all of them, in slot order.
+
+    For N <= :data:`PACKED_SORT_MAX_EXAMPLES` slots the sort key keeps the top
+    ``31 - ceil(log2 N)`` random bits (at least 23, as many as a float32 uniform) with
+    the slot index packed below them, so one plain sort of uint32 words gives the order
+    (on CPU several times faster than a sort with an index payload). Slots whose kept
+    random bits tie are ordered by index. Larger clients sort ``(31 random bits, index)``.
     """
-    u = jax.random.uniform(key, mask.shape)
-    return jnp.argsort(jnp.where(mask, u, 2.0))
+    n = mask.shape[0]
+    slot = jnp.arange(n, dtype=jnp.uint32)
+    bits = stream_bits(key, epoch, n)
+    if n > PACKED_SORT_MAX_EXAMPLES:
+        sort_key = jnp.where(mask, bits >> 1, np.uint32(1 << 31) + slot)
+        return jnp.argsort(sort_key, stable=True).astype(jnp.int32)
+    width = max(1, (n - 1).bit_length())  # bits of the slot index
+    random_part = (bits >> (width + 1)) << width  # top bit 0: real slots sort first
+    packed = jnp.where(mask, random_part, np.uint32(1 << 31)) | slot
+    low = np.uint32((1 << width) - 1)
+    return (jnp.sort(packed) & low).astype(jnp.int32)
 
 
 ClientUpdateFn = Callable[[PyTree, ClientData, jax.Array, PyTree], ClientOutput]
@@ -136,30 +159,34 @@ def make_client_update(model: Model, config: ClientConfig, max_examples: int
 
     def client_update(params, data: ClientData, key, client_state=()):
         global_params = params
-        epoch_keys = jax.random.split(key, config.local_epochs)
-        # [epochs, steps, batch] slot indices; slots past max_examples are padding.
-        orders = jax.vmap(lambda k: epoch_order(k, data.mask))(epoch_keys)
-        orders = jnp.pad(orders, ((0, 0), (0, padded - max_examples)))
-        valid = jnp.arange(padded) < max_examples
-        slots = orders.reshape(config.local_epochs * steps_per_epoch, batch)
-        slot_valid = jnp.tile(valid.reshape(steps_per_epoch, batch),
-                              (config.local_epochs, 1))
+        valid = jnp.arange(padded) < max_examples  # slots past max_examples: padding
 
-        def step(carry, inputs):
-            p, opt_state, stats = carry
-            idx, ok = inputs
-            m = data.mask[idx] & ok
-            (_, batch_stats), g = grad_fn(p, global_params, data.x[idx], data.y[idx], m)
-            updates, new_opt_state = optimizer.update(g, opt_state, p)
-            new_p = optax.apply_updates(p, updates)
-            active = batch_stats[2] > 0
-            p = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_p, p)
-            opt_state = jax.tree.map(lambda a, b: jnp.where(active, a, b),
-                                     new_opt_state, opt_state)
-            return (p, opt_state, stats + jnp.concatenate([batch_stats, active[None]])), None
+        def epoch(carry, e):
+            # Shuffle once per epoch (one gather of the client's data); each step then
+            # takes a contiguous slice, the same offset for every client of a chunk.
+            order = jnp.pad(epoch_order(key, data.mask, e), (0, padded - max_examples))
+            x, y, m = jax.tree.map(lambda a: a[order], (data.x, data.y, data.mask))
+            m = m & valid
+
+            def step(carry, t):
+                p, opt_state, stats = carry
+                xb, yb, mb = (jax.lax.dynamic_slice_in_dim(a, t * batch, batch)
+                              for a in (x, y, m))
+                (_, batch_stats), g = grad_fn(p, global_params, xb, yb, mb)
+                updates, new_opt_state = optimizer.update(g, opt_state, p)
+                new_p = optax.apply_updates(p, updates)
+                active = batch_stats[2] > 0
+                p = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_p, p)
+                opt_state = jax.tree.map(lambda a, b: jnp.where(active, a, b),
+                                         new_opt_state, opt_state)
+                stats = stats + jnp.concatenate([batch_stats, active[None]])
+                return (p, opt_state, stats), None
+
+            return jax.lax.scan(step, carry, jnp.arange(steps_per_epoch))[0], None
 
         init = (params, optimizer.init(params), jnp.zeros((4,), jnp.float32))
-        (final, _, stats), _ = jax.lax.scan(step, init, (slots, slot_valid))
+        (final, _, stats), _ = jax.lax.scan(
+            epoch, init, jnp.arange(config.local_epochs, dtype=jnp.uint32))
         delta = jax.tree.map(lambda a, b: a - b, final, params)
         count = jnp.sum(data.mask.astype(jnp.float32))
         seen = jnp.maximum(stats[2], 1.0)
