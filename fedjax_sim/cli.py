@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -93,8 +94,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def use_every_cpu_core() -> None:
+    """Splits the host CPU into one XLA device per core, unless the user chose a count.
+
+    XLA:CPU runs a device's batched client updates on one thread, so a one-device CPU
+    leaves the other cores idle; with one device per core the cohort is sharded over all
+    of them (``num_devices = 0``). Takes effect only before JAX starts its backends; set
+    ``XLA_FLAGS=--xla_force_host_platform_device_count=1`` to keep one device.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" in flags:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    if cores > 1:
+        os.environ["XLA_FLAGS"] = (
+            f"{flags} --xla_force_host_platform_device_count={cores}".strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fedjax-sim`` console script; returns the exit status."""
+    """Entry point of the ``fedjax-sim`` console script; returns the exit status.
+
+    Invoked as a program (``argv=None``), it first splits the CPU into one device per
+    core (:func:`use_every_cpu_core`); called in-process with ``argv`` it leaves JAX as
+    the caller configured it.
+    """
+    if argv is None:
+        use_every_cpu_core()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

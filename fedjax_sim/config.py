@@ -161,7 +161,7 @@ class ExperimentConfig:
     attack_strength: float = 0.0  # sign_flip scale, gaussian std, alie z, ipm epsilon (0: default)
     # Engine.
     chunk_size: int = 0  # 0: chosen from the model size (cohort.default_chunk_size)
-    num_devices: int = 1
+    num_devices: int = 0  # 0: every local device (the CLI makes one CPU device per core)
     seed: int = 0
 
     def __post_init__(self):

@@ -185,12 +185,12 @@ def _build_data(cfg: ExperimentConfig) -> ExperimentData:
 
 
 def _mesh(cfg: ExperimentConfig):
-    if cfg.num_devices == 1:
-        return None
+    """The ``clients`` mesh over ``num_devices`` local devices (0: all); None for one."""
     devices = jax.devices()
     if cfg.num_devices > len(devices):
         fail("num_devices", cfg.num_devices, f"only {len(devices)} devices are available")
-    return client_mesh(devices if cfg.num_devices == 0 else devices[:cfg.num_devices])
+    devices = devices if cfg.num_devices == 0 else devices[:cfg.num_devices]
+    return None if len(devices) == 1 else client_mesh(devices)
 
 
 class _JsonlWriter:
