@@ -1,13 +1,19 @@
 """Poisoning sweep: attacker fraction x attack x defence -> table (CSV + JSON) and plot (PNG).
 
 Each cell is one ``run_experiment`` with ``attack``, ``malicious_fraction`` and a defence
-(a server aggregator, optionally with norm clipping). Fraction 0 is the honest baseline.
-Small defaults (digits, 50 clients, all sampled every round, a few rounds) finish in a few
-minutes on a laptop CPU.
+(a server aggregator, optionally with norm clipping). Fraction 0 is the honest baseline: it
+is run once per defence and its row is repeated under every attack, so the table has
+exactly one row per (defence, attack, fraction) requested. Small defaults (digits, 50
+clients, all sampled every round, a few rounds) finish in a few minutes on a laptop CPU.
+
+Writes ``poisoning_sweep.csv`` and ``poisoning_sweep.json`` (``{"meta": ..., "rows": [...]}``,
+the same rows as the CSV; ``backdoor_success`` is null/empty where the attack plants no
+backdoor or the cell is honest) and ``poisoning_sweep.png`` (one panel per attack) into
+``--output``.
 
 Usage::
 
-    python scripts/poisoning_sweep.py --out sweep_out \\
+    python scripts/poisoning_sweep.py --output sweep_out \\
         --fractions 0 0.02 0.1 --attacks model_replacement alie sign_flip \\
         --defences mean median clip trimmed_mean --rounds 5
 """
@@ -16,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import json
 import os
+import platform
 
 DEFENCES = {
     "mean": {},
@@ -37,24 +45,47 @@ def cell_config(base: dict, attack: str, fraction: float, defence: str) -> dict:
     return cfg
 
 
-def main(argv=None) -> int:
+FIELDS = ("defence", "attack", "fraction", "num_malicious", "test_accuracy",
+          "backdoor_success")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from fedjax_sim.poisoning import ATTACK_NAMES
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="poisoning_sweep")
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.02, 0.1])
-    p.add_argument("--attacks", nargs="+", default=["model_replacement", "alie", "sign_flip"])
+    p.add_argument("--output", "--out", dest="output", default="poisoning_sweep",
+                   help="directory for the CSV, JSON and PNG (created if missing)")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.02, 0.1],
+                   help="malicious fractions of the population (0: honest baseline)")
+    p.add_argument("--attacks", nargs="+", default=["model_replacement", "alie", "sign_flip"],
+                   choices=[a for a in ATTACK_NAMES if a != "none"])
     p.add_argument("--defences", nargs="+", default=["mean", "median", "clip"],
                    choices=sorted(DEFENCES))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--num-clients", type=int, default=50)
+    p.add_argument("--cohort-size", type=int, default=0,
+                   help="clients per round (0: all of them, every round)")
+    p.add_argument("--local-epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = p.parse_args(argv)
+    if any(not 0.0 <= f < 1.0 for f in args.fractions):
+        p.error(f"--fractions {args.fractions}: each must be in [0, 1)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    import jax
 
     from fedjax_sim.config import make_config
     from fedjax_sim.runner import run_experiment
 
+    cohort = args.cohort_size or args.num_clients
     base = {"data": "digits", "partition": "iid", "num_clients": args.num_clients,
-            "cohort_size": args.num_clients, "rounds": args.rounds, "client_lr": 0.3,
-            "local_epochs": 3, "eval_every": args.rounds, "seed": args.seed}
+            "cohort_size": cohort, "rounds": args.rounds, "client_lr": 0.3,
+            "local_epochs": args.local_epochs, "eval_every": args.rounds, "seed": args.seed}
     rows, honest = [], {}
     for defence in args.defences:
         for attack in args.attacks:
@@ -67,49 +98,66 @@ def main(argv=None) -> int:
                         base, attack, fraction, defence)), progress=False)
                     if fraction == 0:
                         honest[key] = summary
-                rows.append({"defence": defence, "attack": attack, "fraction": fraction,
-                             "num_malicious": summary.get("num_malicious", 0),
-                             "test_accuracy": summary["test_accuracy"],
-                             "backdoor_success": summary.get("backdoor_success")})
+                rows.append(dict(zip(FIELDS, (
+                    defence, attack, fraction, summary.get("num_malicious", 0),
+                    summary["test_accuracy"], summary.get("backdoor_success")))))
                 print(json.dumps(rows[-1]), flush=True)
 
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "poisoning_sweep.json"), "w") as f:
-        json.dump(rows, f, indent=2)
-    with open(os.path.join(args.out, "poisoning_sweep.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    plot(rows, args.attacks, args.defences, os.path.join(args.out, "poisoning_sweep.png"))
+    meta = {"base_config": base, "defences": {d: DEFENCES[d] for d in args.defences},
+            "fractions": args.fractions, "attacks": args.attacks,
+            "jax_version": jax.__version__, "backend": jax.default_backend(),
+            "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "python": platform.python_version(), "date": datetime.date.today().isoformat()}
+    write_outputs(rows, meta, args.output)
+    if not args.no_plot:
+        plot(rows, args.attacks, args.defences,
+             os.path.join(args.output, "poisoning_sweep.png"))
     return 0
 
 
+def write_outputs(rows: list[dict], meta: dict, out_dir: str) -> None:
+    """``poisoning_sweep.json`` (meta + rows) and ``poisoning_sweep.csv`` (the rows)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "poisoning_sweep.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    with open(os.path.join(out_dir, "poisoning_sweep.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(FIELDS))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def plot(rows, attacks, defences, path) -> None:
-    """One panel per attack: test accuracy (solid) and backdoor success (dashed) vs fraction."""
+    """One panel per attack: test accuracy (solid) and backdoor success (dashed) vs fraction.
+
+    Backdoor success is drawn only where it was measured (backdoor attacks, fraction > 0).
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(attacks), figsize=(4 * len(attacks), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(attacks), figsize=(4 * len(attacks), 3.6), squeeze=False)
+    handles = {}
     for ax, attack in zip(axes[0], attacks):
         for i, defence in enumerate(defences):
             cell = sorted((r for r in rows if r["attack"] == attack and r["defence"] == defence),
                           key=lambda r: r["fraction"])
-            xs = [r["fraction"] for r in cell]
-            ax.plot(xs, [r["test_accuracy"] for r in cell], "o-", color=f"C{i}",
-                    label=f"{defence} acc")
-            if any(r["backdoor_success"] is not None for r in cell):
-                ax.plot(xs, [r["backdoor_success"] or 0.0 for r in cell], "x--",
-                        color=f"C{i}", label=f"{defence} backdoor")
+            (line,) = ax.plot([r["fraction"] for r in cell], [r["test_accuracy"] for r in cell],
+                              "o-", color=f"C{i}")
+            handles.setdefault(f"{defence}: accuracy", line)
+            bd = [r for r in cell if r["backdoor_success"] is not None]
+            if bd:
+                (line,) = ax.plot([r["fraction"] for r in bd],
+                                  [r["backdoor_success"] for r in bd], "x--", color=f"C{i}")
+                handles.setdefault(f"{defence}: backdoor success", line)
         ax.set_title(attack)
         ax.set_xlabel("malicious fraction")
         ax.set_ylim(-0.02, 1.02)
     axes[0][0].set_ylabel("rate")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(list(handles.values()), list(handles), loc="lower center",
+               ncol=min(len(handles), 4), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * ((len(handles) + 3) // 4), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
