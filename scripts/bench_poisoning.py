@@ -1,0 +1,185 @@
+"""Cost of a poisoned round vs an honest round in the vectorised engine: JSON lines.
+
+The main job's setting: the procedural label-skew population (10,000 clients, softmax
+regression, 610 parameters), a fixed-size cohort of 1,000, FedAvg with 2 local epochs of
+batch 10. The adversary is 1% of the population (``malicious_by_permutation``), so about
+1% of each cohort. Variants, all built from the library's public pieces:
+
+* ``honest_mean``: FedAvg, example-weighted mean (the streamed chain);
+* ``model_replacement_mean``: the same chain, attackers send a backdoored delta (feature
+  trigger, target 0) boosted by ``n / eta``;
+* ``second_pass_mean``: a control: the adversarial wrapper around an "attack" that only
+  trains honestly again (with the attack's key), i.e. the price of the wrapper's second
+  local-training pass with no attack logic at all;
+* ``honest_median``: coordinate median (the cohort's updates are stacked);
+* ``model_replacement_median``: model replacement against the median;
+* ``alie_median``: A Little Is Enough (the colluding server stage first, then the median).
+
+Every client computes its honest update; adversarial clients also compute the attack's
+update and select it per client inside the vmapped round, so the attack's price is paid
+by the whole cohort. Each variant is compiled ahead of time (``lower().compile()``), warmed
+up once, then the variants' rounds are interleaved so load changes hit all of them alike.
+Poisoned variants pass ``is_malicious`` to ``make_round`` as ``fedjax-sim run`` does, so
+they also pay for the per-round alignment metrics. The steady-state median round time and its ratio to ``honest_mean`` (and to the honest
+round of the same defence) are reported; compile time is reported apart.
+
+Usage: python scripts/bench_poisoning.py [--population 10000] [--cohort 1000]
+           [--fraction 0.01] [--rounds 20] [--output docs/bench_poisoning.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+
+import fedjax_sim.poisoning as P
+from fedjax_sim import server as S
+from fedjax_sim.algorithms import make_algorithm
+from fedjax_sim.client_update import make_client_update
+from fedjax_sim.data.label_skew import procedural_label_skew
+from fedjax_sim.models import make_model
+from fedjax_sim.rounds import make_round
+from fedjax_sim.sampling import FixedSizeSampler
+
+# variant -> (defence, attack)
+VARIANTS = {
+    "honest_mean": ("mean", "none"),
+    "model_replacement_mean": ("mean", "model_replacement"),
+    "second_pass_mean": ("mean", "second_pass"),
+    "honest_median": ("median", "none"),
+    "model_replacement_median": ("median", "model_replacement"),
+    "alie_median": ("median", "alie"),
+}
+
+
+def environment() -> dict:
+    import flax
+    import numpy as np
+    import optax
+    return {"backend": jax.default_backend(), "devices": len(jax.devices()),
+            "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(),
+            "jax_version": jax.__version__, "flax_version": flax.__version__,
+            "optax_version": optax.__version__, "numpy_version": np.__version__,
+            "python": platform.python_version(),
+            "date": datetime.date.today().isoformat(),
+            "git_commit": _git_commit(),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def _git_commit() -> str | None:
+    """HEAD of the checkout this script lives in (None outside git)."""
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)),
+                              check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _block(tree):
+    jax.tree.map(lambda x: x.block_until_ready(), tree)
+
+
+def build_variant(name: str, *, pop, model, sampler, cohort: int, num_malicious: int):
+    """The FederatedRound of one variant."""
+    defence, attack = VARIANTS[name]
+    reducer = S.weighted_mean() if defence == "mean" else S.coordinate_median()
+    transform = S.chain(P.omniscient_attack("alie"), reducer) if attack == "alie" else reducer
+    alg = make_algorithm("fedavg", client_lr=0.05, local_epochs=2, batch_size=10,
+                         server_transform=transform)
+    client_update = is_mal = None
+    if attack != "none":
+        honest = make_client_update(model, alg.client, pop.max_examples)
+        if attack == "model_replacement":
+            trig = P.feature_trigger((0, 1, 2), 3.0)
+            bad = P.model_replacement(trig, 0, boost=float(cohort))  # n / eta, eta = 1
+        elif attack == "second_pass":
+            def bad(honest_update, params, data, key, client_state):
+                return honest_update(params, data, key, client_state)
+        else:
+            bad = P.tag_for_server
+        is_mal = P.malicious_by_permutation(pop.num_clients, num_malicious, seed=0)
+        client_update = P.make_adversarial_client_update(honest, bad, is_mal)
+    # As the runner does: a poisoned round also logs the aggregate's alignment with the
+    # honest clients' mean (a second streamed accumulator), so that cost is included.
+    return make_round(model, alg, sampler, max_examples=pop.max_examples,
+                      client_update=client_update, is_malicious=is_mal), defence, attack
+
+
+def bench(population: int, cohort: int, fraction: float, rounds: int,
+          variants: list[str]) -> list[dict]:
+    pop = procedural_label_skew(population, alpha=0.3, seed=0, max_examples=64)
+    model = make_model("softmax", pop.example_shape, pop.num_classes)
+    sampler = FixedSizeSampler(population, cohort)
+    num_malicious = P.malicious_count(population, malicious_fraction=fraction)
+    steps, states, compiles, times, meta = {}, {}, {}, {}, {}
+    for name in variants:
+        fr, defence, attack = build_variant(name, pop=pop, model=model, sampler=sampler,
+                                            cohort=cohort, num_malicious=num_malicious)
+        state = fr.init(jax.random.key(1))
+        t0 = time.perf_counter()
+        steps[name] = fr.step.lower(state, pop, jax.random.key(2)).compile()
+        compiles[name] = time.perf_counter() - t0
+        state, out = steps[name](state, pop, jax.random.key(2))  # warm-up
+        _block((state.params, out.metrics))
+        states[name], times[name] = state, []
+        meta[name] = {"defence": defence, "attack": attack, "chunk_size": fr.chunk_size,
+                      "alignment_metrics": attack != "none",
+                      "num_params": model.num_params(state.params)}
+    for r in range(rounds):  # interleaved
+        for name in variants:
+            t0 = time.perf_counter()
+            states[name], out = steps[name](states[name], pop, jax.random.key(3 + r))
+            _block((states[name].params, out.metrics))
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    base = med.get("honest_mean")
+    records = []
+    for name in variants:
+        defence = meta[name]["defence"]
+        same = med.get(f"honest_{defence}")
+        records.append({
+            "kind": "poisoned_round", "variant": name, **meta[name],
+            "population": population, "cohort": cohort, "malicious_fraction": fraction,
+            "num_malicious": num_malicious if meta[name]["attack"] != "none" else 0,
+            "model": "softmax 60->10", "local_epochs": 2, "batch_size": 10,
+            "compile_s": round(compiles[name], 3), "round_s_median": round(med[name], 4),
+            "round_s_min": round(min(times[name]), 4), "rounds_timed": rounds,
+            "ratio_to_honest_mean": None if base is None else round(med[name] / base, 3),
+            "ratio_to_honest_same_defence":
+                None if same is None else round(med[name] / same, 3)})
+    return records
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--population", type=int, default=10_000)
+    p.add_argument("--cohort", type=int, default=1000)
+    p.add_argument("--fraction", type=float, default=0.01)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--output", help="also write the records (JSON lines) to this file")
+    args = p.parse_args(argv)
+    env = environment()
+    records = bench(args.population, args.cohort, args.fraction, args.rounds, args.variants)
+    env["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    records = [{**rec, **env} for rec in records]
+    for rec in records:
+        print(json.dumps(rec), flush=True)
+    if args.output:
+        with open(args.output, "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in records)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
