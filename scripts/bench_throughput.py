@@ -22,9 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import time
+
+if __name__ == "__main__" and "--devices" in sys.argv:  # before JAX starts its backends
+    from fedjax_sim.cli import use_every_cpu_core
+    use_every_cpu_core()
 
 import jax
 import jax.numpy as jnp
@@ -87,9 +93,6 @@ def bench(workload, cohort, *, examples, batch_size, chunk_size, repeats, loop_c
         jax.block_until_ready((holder["state"].params, out.metrics))
 
     engine_round()
-    t_engine = _timed(engine_round, repeats)
-    record["engine_round_s"] = t_engine
-    record["engine_updates_per_s"] = cohort / t_engine
 
     # Loop: the same one-client function, one jitted call per client.
     update = jax.jit(make_client_update(model, alg.client, examples))
@@ -141,7 +144,14 @@ def bench(workload, cohort, *, examples, batch_size, chunk_size, repeats, loop_c
     t0 = time.perf_counter()
     jax.block_until_ready(central(params, xb, yb))
     record["central_compile_s"] = time.perf_counter() - t0
-    t_central = _timed(lambda: jax.block_until_ready(central(params, xb, yb)), repeats)
+    # Engine and central alternate, so drifts in machine load hit both alike.
+    t_engine, t_central = [], []
+    for _ in range(repeats):
+        t_engine.append(_timed(engine_round, 1))
+        t_central.append(_timed(lambda: jax.block_until_ready(central(params, xb, yb)), 1))
+    t_engine, t_central = statistics.median(t_engine), statistics.median(t_central)
+    record["engine_round_s"] = t_engine
+    record["engine_updates_per_s"] = cohort / t_engine
     record["central_round_s"] = t_central
     record["central_equiv_updates_per_s"] = cohort / t_central
     record["engine_vs_loop"] = t_loop / t_engine
@@ -157,17 +167,20 @@ def main():
     p.add_argument("--batch-size", type=int, default=10)
     p.add_argument("--chunk-size", type=int, default=0,
                    help="clients vectorised together; 0 = default_chunk_size")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--devices", type=int, default=1,
-                   help="shard the engine's cohort over this many local devices (on CPU, "
-                        "set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+                   help="shard the engine's cohort over this many local devices; 0 = all "
+                        "(on CPU, passing --devices makes one host device per core unless "
+                        "XLA_FLAGS sets --xla_force_host_platform_device_count)")
     p.add_argument("--loop-clients", type=int, default=1000,
                    help="clients actually timed in the loop (extrapolated linearly)")
     args = p.parse_args()
     env = {"jax": jax.__version__, "backend": jax.default_backend(),
            "device": str(jax.devices()[0].device_kind), "cpu": platform.processor() or
            platform.machine(), "date": time.strftime("%Y-%m-%d")}
-    mesh = None if args.devices == 1 else client_mesh(jax.devices()[:args.devices])
+    devices = jax.devices() if args.devices == 0 else jax.devices()[:args.devices]
+    mesh = None if len(devices) == 1 else client_mesh(devices)
+    env["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     for workload in args.workloads:
         for cohort in args.cohorts:
             rec = bench(workload, cohort, examples=args.examples, batch_size=args.batch_size,
