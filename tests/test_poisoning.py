@@ -131,6 +131,33 @@ def test_model_poisoning_deltas_have_the_promised_norm_and_direction():
         np.testing.assert_allclose(a, 40.0 * b, rtol=1e-5)
 
 
+def test_attacks_on_honest_training_reuse_the_clients_own_training_run():
+    """Sign flip and Gaussian noise post-process the honest run: no second local pass."""
+    data = random_federated(num_clients=6, max_examples=8, dim=5, num_classes=NUM_CLASSES,
+                            seed=3, min_count=4)
+    model = make_model("softmax", (5,), NUM_CLASSES)
+    params = model.init(jax.random.key(0))
+    honest = make_client_update(model, ClientConfig(optax.sgd(0.5), batch_size=2),
+                                data.max_examples)
+    is_mal = lambda ids: ids >= 0  # noqa: E731
+    ids = jnp.arange(6, dtype=jnp.int32)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(9), i))(ids)
+    run = lambda fn: jax.jit(jax.vmap(lambda d, k: fn(params, d, k, ())))(  # noqa: E731
+        data.cohort_data(ids), keys)
+    h = run(honest)
+    flipped = run(P.make_adversarial_client_update(honest, P.sign_flip(2.0), is_mal))
+    for a, b in zip(jax.tree.leaves(flipped.delta), jax.tree.leaves(h.delta)):
+        np.testing.assert_array_equal(np.asarray(a), -2.0 * np.asarray(b))
+    np.testing.assert_array_equal(flipped.metrics["train_loss"], h.metrics["train_loss"])
+    # One local-training scan in the compiled program, not two.
+    hlo = jax.jit(jax.vmap(lambda d, k: P.make_adversarial_client_update(
+        honest, P.sign_flip(2.0), is_mal)(params, d, k, ()))).lower(
+        data.cohort_data(ids), keys).as_text()
+    honest_hlo = jax.jit(jax.vmap(lambda d, k: honest(params, d, k, ()))).lower(
+        data.cohort_data(ids), keys).as_text()
+    assert hlo.count("stablehlo.while") == honest_hlo.count("stablehlo.while")
+
+
 def test_label_flip_trains_on_flipped_labels():
     data = random_federated(num_clients=2, max_examples=6, dim=5, num_classes=NUM_CLASSES,
                             seed=3, min_count=3)

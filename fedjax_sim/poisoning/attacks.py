@@ -133,6 +133,13 @@ def make_adversarial_client_update(honest_update: ClientUpdateFn, attack: Attack
     client's output is chosen with ``jnp.where`` on ``is_malicious(data.client_id)``;
     padding clients (id ``-1``) always get the honest path, so masks are honoured.
 
+    The ``honest_update`` the attack receives returns the client's already computed
+    honest output when it is called on the client's own ``params``, ``data`` and
+    ``client_state`` objects (any key): attacks that rewrite honest training (sign flip,
+    Gaussian noise, the omniscient tag) then cost no second local training pass. Attacks
+    that train on modified data (label flip, backdoor, model replacement) do train again,
+    for every client of the vmapped cohort.
+
     Args:
       honest_update: the honest one-client function (e.g. ``make_client_update(...)``).
       attack: the attack (see module docstring).
@@ -145,8 +152,14 @@ def make_adversarial_client_update(honest_update: ClientUpdateFn, attack: Attack
 
     def client_update(params, data: ClientData, key, client_state=()):
         honest = honest_update(params, data, key, client_state)
+
+        def reuse_honest(p, d, k, s=()):
+            if p is params and d is data and s is client_state:
+                return honest  # the same training run: reuse it
+            return honest_update(p, d, k, s)
+
         attack_key = jax.random.fold_in(key, 0x5eed)
-        bad = attack(honest_update, params, data, attack_key, client_state)
+        bad = attack(reuse_honest, params, data, attack_key, client_state)
         flag = is_malicious(data.client_id) & (data.client_id >= 0)
         return jax.tree.map(lambda b, h: jnp.where(flag, b, h), bad, honest)
 
