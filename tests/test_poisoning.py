@@ -131,31 +131,64 @@ def test_model_poisoning_deltas_have_the_promised_norm_and_direction():
         np.testing.assert_allclose(a, 40.0 * b, rtol=1e-5)
 
 
-def test_attacks_on_honest_training_reuse_the_clients_own_training_run():
-    """Sign flip and Gaussian noise post-process the honest run: no second local pass."""
+@pytest.mark.parametrize("name", ["sign_flip", "model_replacement", "label_flip"])
+def test_attacked_cohort_trains_every_client_once(name):
+    """Staged attacks: one local training per client, poisoned data for the attackers."""
     data = random_federated(num_clients=6, max_examples=8, dim=5, num_classes=NUM_CLASSES,
                             seed=3, min_count=4)
     model = make_model("softmax", (5,), NUM_CLASSES)
     params = model.init(jax.random.key(0))
     honest = make_client_update(model, ClientConfig(optax.sgd(0.5), batch_size=2),
                                 data.max_examples)
-    is_mal = lambda ids: ids >= 0  # noqa: E731
+    attack = _attacks()[name]
+    is_mal = lambda ids: ids % 2 == 0  # noqa: E731
+    adversarial = P.make_adversarial_client_update(honest, attack, is_mal)
     ids = jnp.arange(6, dtype=jnp.int32)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(9), i))(ids)
-    run = lambda fn: jax.jit(jax.vmap(lambda d, k: fn(params, d, k, ())))(  # noqa: E731
+    cohort = data.cohort_data(ids)
+    lowered = {fn: jax.jit(jax.vmap(lambda d, k: fn(params, d, k, ()))).lower(cohort, keys)
+               for fn in (honest, adversarial)}
+    # As many matmuls in the program as in the honest one: one local training, not two.
+    assert (lowered[adversarial].as_text().count("stablehlo.dot_general")
+            == lowered[honest].as_text().count("stablehlo.dot_general"))
+    out = lowered[adversarial].compile()(cohort, keys)
+    h = lowered[honest].compile()(cohort, keys)
+    for c in range(6):
+        d = jax.tree.map(lambda a: a[c], cohort)
+        if c % 2:  # honest client: untouched
+            ref = jax.tree.map(lambda a: a[c], h)
+        else:  # reference: poison, train with the client's key, rewrite
+            ak = jax.random.fold_in(keys[c], 0x5eed)
+            d = attack.poison(d, ak) if attack.poison else d
+            ref = honest(params, d, keys[c], ())
+            ref = attack.rewrite(ref, ak) if attack.rewrite else ref
+        for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(jax.tree.map(
+                lambda a: a[c], out))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    if name == "sign_flip":  # the very same training run, negated
+        for a, b in zip(jax.tree.leaves(out.delta), jax.tree.leaves(h.delta)):
+            np.testing.assert_array_equal(np.asarray(a)[::2], -2.0 * np.asarray(b)[::2])
+
+
+def test_generic_attack_callables_reuse_the_honest_run_when_they_can():
+    data = random_federated(num_clients=4, max_examples=8, dim=5, num_classes=NUM_CLASSES,
+                            seed=4, min_count=4)
+    model = make_model("softmax", (5,), NUM_CLASSES)
+    params = model.init(jax.random.key(0))
+    honest = make_client_update(model, ClientConfig(optax.sgd(0.5), batch_size=2),
+                                data.max_examples)
+
+    def doubled(honest_update, p, d, k, s):  # a plain callable, not a StagedAttack
+        out = honest_update(p, d, k, s)
+        return out._replace(delta=jax.tree.map(lambda x: 2 * x, out.delta))
+
+    fn = P.make_adversarial_client_update(honest, doubled, lambda ids: ids >= 0)
+    ids = jnp.arange(4, dtype=jnp.int32)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(2), i))(ids)
+    run = lambda f: jax.vmap(lambda d, k: f(params, d, k, ()))(  # noqa: E731
         data.cohort_data(ids), keys)
-    h = run(honest)
-    flipped = run(P.make_adversarial_client_update(honest, P.sign_flip(2.0), is_mal))
-    for a, b in zip(jax.tree.leaves(flipped.delta), jax.tree.leaves(h.delta)):
-        np.testing.assert_array_equal(np.asarray(a), -2.0 * np.asarray(b))
-    np.testing.assert_array_equal(flipped.metrics["train_loss"], h.metrics["train_loss"])
-    # One local-training scan in the compiled program, not two.
-    hlo = jax.jit(jax.vmap(lambda d, k: P.make_adversarial_client_update(
-        honest, P.sign_flip(2.0), is_mal)(params, d, k, ()))).lower(
-        data.cohort_data(ids), keys).as_text()
-    honest_hlo = jax.jit(jax.vmap(lambda d, k: honest(params, d, k, ()))).lower(
-        data.cohort_data(ids), keys).as_text()
-    assert hlo.count("stablehlo.while") == honest_hlo.count("stablehlo.while")
+    for a, b in zip(jax.tree.leaves(run(fn).delta), jax.tree.leaves(run(honest).delta)):
+        np.testing.assert_array_equal(np.asarray(a), 2 * np.asarray(b))
 
 
 def test_label_flip_trains_on_flipped_labels():

@@ -5,7 +5,7 @@ from fedjax_sim.poisoning.attacks import (ATTACK_NAMES, Attack, backdoor, constr
                                           make_adversarial_client_update,
                                           malicious_by_permutation, malicious_count,
                                           model_replacement, pixel_trigger, sign_flip,
-                                          tag_for_server)
+                                          StagedAttack, tag_for_server)
 from fedjax_sim.poisoning.metrics import (aggregate_alignment, alignment,
                                           backdoor_success_rate, honest_mean,
                                           main_task_accuracy)
@@ -14,6 +14,6 @@ from fedjax_sim.poisoning.omniscient import baruch_z, omniscient_attack
 __all__ = ["ATTACK_NAMES", "Attack", "backdoor", "constrain_and_scale", "feature_trigger",
            "gaussian_noise_attack", "label_flip", "make_adversarial_client_update",
            "malicious_by_permutation", "malicious_count", "model_replacement",
-           "pixel_trigger", "sign_flip", "tag_for_server",
+           "pixel_trigger", "sign_flip", "StagedAttack", "tag_for_server",
            "aggregate_alignment", "alignment", "backdoor_success_rate", "honest_mean",
            "main_task_accuracy", "baruch_z", "omniscient_attack"]

@@ -6,9 +6,14 @@ plus the honest update itself::
     attack(honest_update, params, data, key, client_state) -> ClientOutput
 
 It may train on poisoned data (by calling ``honest_update`` on modified ``data``) and/or
-rewrite the resulting delta. :func:`make_adversarial_client_update` runs the honest update
-for every client and the attack's update alongside, then selects per client with
-``jnp.where`` on ``is_malicious(data.client_id)``: one vmapped round, no Python loop over
+rewrite the resulting delta. Every attack of this module is a :class:`StagedAttack`: a
+``poison(data, key)`` stage before the client's own training and a ``rewrite(out, key)``
+stage after it. :func:`make_adversarial_client_update` then trains every client ONCE:
+on its poisoned data if it is malicious, on its own data otherwise (a per-client
+``jnp.where`` on the data), and rewrites the malicious clients' outputs, so an attacked
+round costs about what an honest one does. Any other callable with the signature above
+also works; then both the honest and the attack's update are computed for every client
+and one is selected per client. Either way it is one vmapped round, no Python loop over
 clients, and a padding client (id ``-1``) is never malicious.
 
 Which clients are malicious is a pure function of the population id
@@ -24,6 +29,7 @@ the tagged rows from the honest rows' statistics, before any defence runs.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -56,6 +62,34 @@ def _finite(tree: PyTree) -> jax.Array:
 
 def _with_delta(out: ClientOutput, delta: PyTree) -> ClientOutput:
     return out._replace(delta=delta, finite=_finite(delta))
+
+
+def _select(flag: jax.Array, bad: PyTree, good: PyTree) -> PyTree:
+    return jax.tree.map(lambda b, g: jnp.where(flag, b, g), bad, good)
+
+
+@dataclasses.dataclass(frozen=True)
+class StagedAttack:
+    """An attack around the client's own honest training: poison its data, rewrite its output.
+
+    Attributes:
+      poison: ``(data, key) -> data`` with the same structure, shapes and dtypes (None:
+        train on the client's own data).
+      rewrite: ``(out, key) -> ClientOutput`` applied to the output of training on the
+        (poisoned) data (None: send it as is).
+
+    Called with the generic attack signature it runs poison, ``honest_update`` and
+    rewrite in turn, all with ``key``.
+    """
+
+    poison: Callable[[ClientData, jax.Array], ClientData] | None = None
+    rewrite: Callable[[ClientOutput, jax.Array], ClientOutput] | None = None
+
+    def __call__(self, honest_update, params, data, key, client_state=()):
+        if self.poison is not None:
+            data = self.poison(data, key)
+        out = honest_update(params, data, key, client_state)
+        return out if self.rewrite is None else self.rewrite(out, key)
 
 
 # --------------------------------------------------------------------- who is malicious
@@ -129,16 +163,18 @@ def make_adversarial_client_update(honest_update: ClientUpdateFn, attack: Attack
                                    ) -> ClientUpdateFn:
     """A one-client function where adversarial clients send the attack's update.
 
-    Both updates are computed (under vmap a ``lax.cond`` becomes a select anyway) and the
-    client's output is chosen with ``jnp.where`` on ``is_malicious(data.client_id)``;
-    padding clients (id ``-1``) always get the honest path, so masks are honoured.
+    Malicious means ``is_malicious(data.client_id)``; padding clients (id ``-1``) are
+    always honest, so masks are honoured. Under vmap a branch is a select, so:
 
-    The ``honest_update`` the attack receives returns the client's already computed
-    honest output when it is called on the client's own ``params``, ``data`` and
-    ``client_state`` objects (any key): attacks that rewrite honest training (sign flip,
-    Gaussian noise, the omniscient tag) then cost no second local training pass. Attacks
-    that train on modified data (label flip, backdoor, model replacement) do train again,
-    for every client of the vmapped cohort.
+    * a :class:`StagedAttack` (every attack of this module) costs one local training per
+      client: the client trains on ``where(malicious, poison(data), data)`` with its own
+      key, and malicious clients' outputs go through ``rewrite``; both stages get
+      ``fold_in(key, 0x5eed)``.
+    * any other attack callable runs next to the honest update for every client and one
+      output is selected per client. The ``honest_update`` it receives returns the
+      already computed honest output when called on the client's own ``params``,
+      ``data`` and ``client_state`` objects (any key), so only attacks that train on
+      other data pay a second training pass.
 
     Args:
       honest_update: the honest one-client function (e.g. ``make_client_update(...)``).
@@ -149,6 +185,19 @@ def make_adversarial_client_update(honest_update: ClientUpdateFn, attack: Attack
       ``client_update(params, data, key, client_state) -> ClientOutput``; pass it to
       ``make_round(..., client_update=...)``.
     """
+
+    if isinstance(attack, StagedAttack):
+        def staged_client_update(params, data: ClientData, key, client_state=()):
+            flag = is_malicious(data.client_id) & (data.client_id >= 0)
+            attack_key = jax.random.fold_in(key, 0x5eed)
+            if attack.poison is not None:
+                data = _select(flag, attack.poison(data, attack_key), data)
+            out = honest_update(params, data, key, client_state)
+            if attack.rewrite is None:
+                return out
+            return _select(flag, attack.rewrite(out, attack_key), out)
+
+        return staged_client_update
 
     def client_update(params, data: ClientData, key, client_state=()):
         honest = honest_update(params, data, key, client_state)
@@ -161,7 +210,7 @@ def make_adversarial_client_update(honest_update: ClientUpdateFn, attack: Attack
         attack_key = jax.random.fold_in(key, 0x5eed)
         bad = attack(reuse_honest, params, data, attack_key, client_state)
         flag = is_malicious(data.client_id) & (data.client_id >= 0)
-        return jax.tree.map(lambda b, h: jnp.where(flag, b, h), bad, honest)
+        return _select(flag, bad, honest)
 
     return client_update
 
@@ -177,12 +226,8 @@ def label_flip(num_classes: int) -> Attack:
     its share of the aggregate weight (Tolpegin et al. 2020; Fang et al. 2020).
     """
     k = check_int("num_classes", num_classes, min_value=2)
-
-    def attack(honest_update, params, data, key, client_state):
-        flipped = data.replace(y=(k - 1 - data.y).astype(data.y.dtype))
-        return honest_update(params, flipped, key, client_state)
-
-    return attack
+    return StagedAttack(poison=lambda data, key: data.replace(
+        y=(k - 1 - data.y).astype(data.y.dtype)))
 
 
 def pixel_trigger(size: int = 2, value: float = 1.0, corner: str = "bottom_right") -> Trigger:
@@ -224,14 +269,14 @@ def backdoor(trigger: Trigger, target_label: int, *, poison_fraction: float = 0.
     target = check_int("target_label", target_label, min_value=0)
     frac = check_float("poison_fraction", poison_fraction, min_value=0.0, max_value=1.0)
 
-    def attack(honest_update, params, data, key, client_state):
+    def poison(data, key):
         hit = jax.random.bernoulli(key, frac, data.y.shape)
         hit_x = hit.reshape(hit.shape + (1,) * (data.x.ndim - hit.ndim))
         x = jnp.where(hit_x, trigger(data.x), data.x)
         y = jnp.where(hit, jnp.asarray(target, data.y.dtype), data.y)
-        return honest_update(params, data.replace(x=x, y=y), key, client_state)
+        return data.replace(x=x, y=y)
 
-    return attack
+    return StagedAttack(poison=poison)
 
 
 # --------------------------------------------------------------------- model poisoning
@@ -247,13 +292,9 @@ def model_replacement(trigger: Trigger, target_label: int, boost: float, *,
     suffices against the plain mean; the boosted norm is what norm bounding detects.
     """
     boost = check_float("boost", boost)
-    inner = backdoor(trigger, target_label, poison_fraction=poison_fraction)
-
-    def attack(honest_update, params, data, key, client_state):
-        out = inner(honest_update, params, data, key, client_state)
-        return _with_delta(out, _scale(out.delta, boost))
-
-    return attack
+    return StagedAttack(
+        poison=backdoor(trigger, target_label, poison_fraction=poison_fraction).poison,
+        rewrite=lambda out, key: _with_delta(out, _scale(out.delta, boost)))
 
 
 def constrain_and_scale(trigger: Trigger, target_label: int, max_norm: float, *,
@@ -265,14 +306,14 @@ def constrain_and_scale(trigger: Trigger, target_label: int, max_norm: float, *,
     largest admissible influence (Bagdasaryan et al. 2020, sec. 4; Sun et al. 2019).
     """
     bound = check_float("max_norm", max_norm, min_value=0.0, min_exclusive=True)
-    inner = backdoor(trigger, target_label, poison_fraction=poison_fraction)
 
-    def attack(honest_update, params, data, key, client_state):
-        out = inner(honest_update, params, data, key, client_state)
+    def rewrite(out, key):
         norm = _tree_norm(out.delta)
         return _with_delta(out, _scale(out.delta, bound / jnp.maximum(norm, 1e-12)))
 
-    return attack
+    return StagedAttack(
+        poison=backdoor(trigger, target_label, poison_fraction=poison_fraction).poison,
+        rewrite=rewrite)
 
 
 def sign_flip(scale: float = 1.0) -> Attack:
@@ -282,12 +323,7 @@ def sign_flip(scale: float = 1.0) -> Attack:
     model uphill on the loss (an untargeted attack; Damaskinos et al. 2018, Li et al. 2019).
     """
     scale = check_float("scale", scale, min_value=0.0)
-
-    def attack(honest_update, params, data, key, client_state):
-        out = honest_update(params, data, key, client_state)
-        return _with_delta(out, _scale(out.delta, -scale))
-
-    return attack
+    return StagedAttack(rewrite=lambda out, key: _with_delta(out, _scale(out.delta, -scale)))
 
 
 def gaussian_noise_attack(std: float) -> Attack:
@@ -298,23 +334,21 @@ def gaussian_noise_attack(std: float) -> Attack:
     """
     std = check_float("std", std, min_value=0.0)
 
-    def attack(honest_update, params, data, key, client_state):
-        out = honest_update(params, data, key, client_state)
+    def rewrite(out, key):
         leaves, treedef = jax.tree.flatten(out.delta)
         keys = jax.random.split(key, len(leaves))
         noise = [(std * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
                  for k, x in zip(keys, leaves)]
         return _with_delta(out, jax.tree.unflatten(treedef, noise))
 
-    return attack
+    return StagedAttack(rewrite=rewrite)
 
 
-def tag_for_server(honest_update, params, data, key, client_state) -> ClientOutput:
-    """The client half of an omniscient attack: honest training, upload tagged.
+tag_for_server = StagedAttack(
+    rewrite=lambda out, key: out._replace(weight=-jnp.maximum(jnp.abs(out.weight), 1.0)))
+"""The client half of an omniscient attack: honest training, upload tagged.
 
-    The tag is a negative aggregation weight (``-|w|``, and ``-1`` for an empty client),
-    which the colluding server-side stage (:func:`fedjax_sim.poisoning.omniscient_attack`)
-    removes before any defence sees the cohort. Never use it without that stage.
-    """
-    out = honest_update(params, data, key, client_state)
-    return out._replace(weight=-jnp.maximum(jnp.abs(out.weight), 1.0))
+The tag is a negative aggregation weight (``-|w|``, and ``-1`` for an empty client), which
+the colluding server-side stage (:func:`fedjax_sim.poisoning.omniscient_attack`) removes
+before any defence sees the cohort. Never use it without that stage.
+"""
