@@ -191,6 +191,22 @@ def test_generic_attack_callables_reuse_the_honest_run_when_they_can():
         np.testing.assert_array_equal(np.asarray(a), 2 * np.asarray(b))
 
 
+@pytest.mark.parametrize("frac", [0.0, 0.3, 1.0])
+def test_backdoor_poisons_the_stated_fraction_of_examples(frac):
+    from fedjax_sim.data.federated import ClientData
+    n = 4000
+    data = ClientData(x=jnp.zeros((n, 3)), y=jnp.zeros((n,), jnp.int32),
+                      mask=jnp.ones((n,), bool), client_id=jnp.int32(0))
+    attack = P.backdoor(P.feature_trigger((1,), 5.0), 2, poison_fraction=frac)
+    poisoned = attack.poison(data, jax.random.key(7))
+    hit = np.asarray(poisoned.y) == 2
+    np.testing.assert_array_equal(np.asarray(poisoned.x)[:, 1] == 5.0, hit)  # trigger+label
+    assert abs(hit.mean() - frac) <= 5 * np.sqrt(frac * (1 - frac) / n)
+    other = attack.poison(data, jax.random.key(8))
+    if 0 < frac < 1:  # fresh per key
+        assert np.mean((np.asarray(other.y) == 2) == hit) < 0.9
+
+
 def test_label_flip_trains_on_flipped_labels():
     data = random_federated(num_clients=2, max_examples=6, dim=5, num_classes=NUM_CLASSES,
                             seed=3, min_count=3)

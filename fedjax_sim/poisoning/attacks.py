@@ -30,11 +30,13 @@ the tagged rows from the honest rows' statistics, before any defence runs.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+from fedjax_sim._threefry import stream_bits
 from fedjax_sim._validation import check_float, check_int, fail
 from fedjax_sim.client_update import ClientOutput, ClientUpdateFn
 from fedjax_sim.data.federated import ClientData
@@ -270,7 +272,11 @@ def backdoor(trigger: Trigger, target_label: int, *, poison_fraction: float = 0.
     frac = check_float("poison_fraction", poison_fraction, min_value=0.0, max_value=1.0)
 
     def poison(data, key):
-        hit = jax.random.bernoulli(key, frac, data.y.shape)
+        # Bernoulli(frac) per example from unrolled Threefry bits (jax.random's rolled
+        # loop is slow inside a vmapped chunk on CPU): 24-bit uniforms against frac.
+        n = math.prod(data.y.shape)
+        u = (stream_bits(key, 0, n) >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
+        hit = (u < frac).reshape(data.y.shape)
         hit_x = hit.reshape(hit.shape + (1,) * (data.x.ndim - hit.ndim))
         x = jnp.where(hit_x, trigger(data.x), data.x)
         y = jnp.where(hit, jnp.asarray(target, data.y.dtype), data.y)
