@@ -8,16 +8,18 @@ batch 10. The adversary is 1% of the population (``malicious_by_permutation``), 
 * ``honest_mean``: FedAvg, example-weighted mean (the streamed chain);
 * ``model_replacement_mean``: the same chain, attackers send a backdoored delta (feature
   trigger, target 0) boosted by ``n / eta``;
-* ``second_pass_mean``: a control: the adversarial wrapper around an "attack" that only
-  trains honestly again (with the attack's key), i.e. the price of the wrapper's second
-  local-training pass with no attack logic at all;
+* ``second_pass_mean``: a control: a generic attack callable (not a ``StagedAttack``)
+  that trains honestly again on a copy of its data, i.e. the price of the generic path's
+  second local-training pass, with no attack logic at all;
+* ``sign_flip_mean``: attackers send minus their honest delta;
 * ``honest_median``: coordinate median (the cohort's updates are stacked);
 * ``model_replacement_median``: model replacement against the median;
 * ``alie_median``: A Little Is Enough (the colluding server stage first, then the median).
 
-Every client computes its honest update; adversarial clients also compute the attack's
-update and select it per client inside the vmapped round, so the attack's price is paid
-by the whole cohort. Each variant is compiled ahead of time (``lower().compile()``), warmed
+The library's attacks are ``StagedAttack``s: every client trains once, on poisoned data if
+it is malicious (a per-client select on the data), and malicious outputs are rewritten.
+A generic attack callable that trains on other data makes the whole cohort train twice
+(under vmap a branch is a select); the control measures that. Each variant is compiled ahead of time (``lower().compile()``), warmed
 up once, then the variants' rounds are interleaved so load changes hit all of them alike.
 Poisoned variants pass ``is_malicious`` to ``make_round`` as ``fedjax-sim run`` does, so
 they also pay for the per-round alignment metrics. The steady-state median round time and its ratio to ``honest_mean`` (and to the honest
@@ -53,6 +55,7 @@ VARIANTS = {
     "honest_mean": ("mean", "none"),
     "model_replacement_mean": ("mean", "model_replacement"),
     "second_pass_mean": ("mean", "second_pass"),
+    "sign_flip_mean": ("mean", "sign_flip"),
     "honest_median": ("median", "none"),
     "model_replacement_median": ("median", "model_replacement"),
     "alie_median": ("median", "alie"),
@@ -104,7 +107,10 @@ def build_variant(name: str, *, pop, model, sampler, cohort: int, num_malicious:
             bad = P.model_replacement(trig, 0, boost=float(cohort))  # n / eta, eta = 1
         elif attack == "second_pass":
             def bad(honest_update, params, data, key, client_state):
-                return honest_update(params, data, key, client_state)
+                # A new data object: the wrapper cannot reuse the honest run.
+                return honest_update(params, data.replace(x=data.x), key, client_state)
+        elif attack == "sign_flip":
+            bad = P.sign_flip(1.0)
         else:
             bad = P.tag_for_server
         is_mal = P.malicious_by_permutation(pop.num_clients, num_malicious, seed=0)
