@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import dp_accounting
 import numpy as np
@@ -359,6 +359,35 @@ def epsilon_for(rounds: int, config: PrivacyConfig, delta: float | None = None) 
     return acc.epsilon(delta)
 
 
+def _calibrate(target: float, delta: float, tol: float, eps: Callable[[float], float],
+               make_accountant: Callable[[], Any],
+               make_event: Callable[[float], dp_accounting.DpEvent]) -> float:
+    """Smallest z (within ``tol``) with ``eps(z) <= target``.
+
+    Brackets z by doubling / halving, runs dp-accounting's ``calibrate_dp_mechanism``
+    (Brent's method) on the bracket, then steps up by ``tol`` until ``eps(z)`` meets the
+    target (the accountant path and ``eps`` may differ in the last bits).
+    """
+    hi = 1.0
+    while eps(hi) > target:
+        hi *= 2.0
+        if hi > 2.0 ** 24:
+            fail("target_epsilon", target,
+                 f"unreachable with noise multiplier <= {2.0 ** 24:g} for these settings")
+    lo = hi / 2.0
+    while eps(lo) <= target:
+        hi = lo
+        lo /= 2.0
+        if lo < 1e-6:
+            return hi
+    z = float(dp_accounting.calibrate_dp_mechanism(
+        make_accountant, make_event, target, delta,
+        bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi), tol=tol))
+    while eps(z) > target:
+        z += tol
+    return z
+
+
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, rounds: int,
                                sampling: SamplingSpec, *, accountant: str = "rdp",
                                tol: float = 1e-5) -> float:
@@ -391,28 +420,9 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, rounds: int,
     def eps(z: float) -> float:
         return epsilon_for(rounds, PrivacyConfig(z, sampling, accountant), delta)
 
-    hi = 1.0
-    while eps(hi) > target:
-        hi *= 2.0
-        if hi > 2.0 ** 24:
-            fail("target_epsilon", target_epsilon,
-                 f"unreachable with noise multiplier <= {2.0 ** 24:g} for these settings")
-    lo = hi / 2.0
-    while eps(lo) <= target:
-        hi = lo
-        lo /= 2.0
-        if lo < 1e-6:
-            return hi
-    z = dp_accounting.calibrate_dp_mechanism(
-        lambda: make_dp_accounting_accountant(accountant, sampling),
-        lambda z: dp_accounting.SelfComposedDpEvent(dp_event(z, sampling), rounds),
-        target, delta,
-        bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi), tol=tol)
-    z = float(z)
-    # Guard against the accountant path above differing in the last bits.
-    while eps(z) > target:
-        z += tol
-    return z
+    return _calibrate(
+        target, delta, tol, eps, lambda: make_dp_accounting_accountant(accountant, sampling),
+        lambda z: dp_accounting.SelfComposedDpEvent(dp_event(z, sampling), rounds))
 
 
 # ------------------------------------------------------------- spec from server transforms
@@ -642,27 +652,9 @@ def calibrate_dp_ftrl_noise_multiplier(target_epsilon: float, delta: float, roun
         return dp_ftrl_epsilon(z, rounds, delta, max_rounds=max_rounds,
                                participation=participation)
 
-    hi = 1.0
-    while eps(hi) > target:
-        hi *= 2.0
-        if hi > 2.0 ** 24:
-            fail("target_epsilon", target_epsilon,
-                 f"unreachable with noise multiplier <= {2.0 ** 24:g} for these settings")
-    lo = hi / 2.0
-    while eps(lo) <= target:
-        hi = lo
-        lo /= 2.0
-        if lo < 1e-6:
-            return hi
-    z = float(dp_accounting.calibrate_dp_mechanism(
-        _dp_ftrl_rdp_accountant,
-        lambda z: dp_ftrl_dp_event(z, rounds, max_rounds=max_rounds,
-                                   participation=participation),
-        target, delta, bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi),
-        tol=tol))
-    while eps(z) > target:
-        z += tol
-    return z
+    return _calibrate(target, delta, tol, eps, _dp_ftrl_rdp_accountant,
+                      lambda z: dp_ftrl_dp_event(z, rounds, max_rounds=max_rounds,
+                                                 participation=participation))
 
 
 def cyclic_rounds_per_pass(num_clients: int, cohort_size: int) -> int:
