@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from fedjax_sim._threefry import threefry2x32
 from fedjax_sim._validation import check_float, check_int, fail
 
 
@@ -71,14 +72,20 @@ def permute_indices(key: jax.Array, positions: jax.Array, n: int) -> jax.Array:
     """
     rounds = _num_shuffle_rounds(n)
     offsets = jax.random.randint(jax.random.fold_in(key, 0), (rounds,), 0, n, dtype=jnp.int32)
-    bit_keys = jax.random.split(jax.random.fold_in(key, 1), rounds)
+    # The round bits hash the counter (pivot, round) with Threefry-2x32 under a key drawn
+    # from ``key``, unrolled into one fused kernel. (JAX's own lowering is a rolled loop on
+    # CPU, which made sampling ~12% of a softmax round; and per-pivot ``fold_in`` under
+    # vmap is not consistent across batch positions for the "rbg" PRNG implementations.)
+    k0, k1 = jax.random.bits(jax.random.fold_in(key, 1), (2,), jnp.uint32)
+
+    def round_bits(r, pivot):
+        return threefry2x32(k0, k1, pivot.astype(jnp.uint32),
+                            jnp.broadcast_to(r.astype(jnp.uint32), pivot.shape))[0]
 
     def one_round(r, x):
         partner = jnp.mod(offsets[r] - x, n)
         pivot = jnp.maximum(x, partner)
-        bits = jax.vmap(lambda p: jax.random.bits(jax.random.fold_in(bit_keys[r], p)))(
-            pivot.reshape(-1)).reshape(pivot.shape)
-        return jnp.where((bits & 1) == 1, partner, x)
+        return jnp.where((round_bits(r, pivot) & 1) == 1, partner, x)
 
     return jax.lax.fori_loop(0, rounds, one_round, positions.astype(jnp.int32))
 

@@ -19,6 +19,17 @@ def test_permutation_is_a_bijection(n):
     assert sorted(out.tolist()) == list(range(n))
 
 
+@pytest.mark.parametrize("impl", ["rbg", "unsafe_rbg"])
+def test_permutation_with_other_prng_implementations(impl):
+    """Non-Threefry keys take the jax.random path: still a bijection, still keyed."""
+    n = 500
+    perm = jax.jit(lambda k: permute_indices(k, jnp.arange(n), n))
+    a = np.asarray(perm(jax.random.key(0, impl=impl)))
+    b = np.asarray(perm(jax.random.key(1, impl=impl)))
+    assert sorted(a.tolist()) == list(range(n))
+    assert (a != b).mean() > 0.9
+
+
 def test_fixed_size_draws_are_unique_even_for_huge_populations():
     sampler = FixedSizeSampler(10_000_000, 5000)
     sample = jax.jit(sampler.sample)
