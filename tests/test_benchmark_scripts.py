@@ -1,0 +1,74 @@
+"""The benchmark scripts run end to end at tiny sizes and print consistent JSON.
+
+No timing is asserted: only that each script runs, prints the documented fields, and that
+its derived figures agree with its own raw ones (rates are cohort / seconds, ratios are
+quotients of the printed times).
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _run(script, *args, devices=None):
+    env = dict(os.environ)
+    if devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / script), *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def _close(a, b):
+    return a == pytest.approx(b, rel=1e-9)
+
+
+@pytest.mark.slow  # two workloads, compile-dominated: about 30 s on 2 cores
+def test_bench_throughput_records_agree_with_their_times():
+    records = _run("bench_throughput.py", "--cohorts", "8", "--repeats", "1",
+                   "--loop-clients", "3", "--chunk-size", "4")
+    assert [(r["workload"], r["cohort"]) for r in records] == [("softmax", 8), ("mlp", 8)]
+    for r in records:
+        for field in ("engine_updates_per_s", "loop_updates_per_s",
+                      "central_equiv_updates_per_s", "engine_compile_s"):
+            assert r[field] > 0, field
+        assert r["chunk_size"] == 4 and r["local_steps"] == 5
+        assert _close(r["engine_updates_per_s"], 8 / r["engine_round_s"])
+        assert _close(r["engine_vs_central_time"], r["engine_round_s"] / r["central_round_s"])
+        assert _close(r["engine_vs_loop"], r["loop_round_s"] / r["engine_round_s"])
+
+
+@pytest.mark.slow  # one workload on two host devices: about 20 s on 2 cores
+def test_engine_breakdown_runs_sharded_and_its_ratios_agree():
+    (r,) = _run("bench_engine_breakdown.py", "--cohort", "8", "--repeats", "1",
+                "--devices", "0", devices=2)
+    assert r["devices"] == 2 and r["workload"] == "softmax"
+    assert 4 % r["bare_chunk"] == 0  # divides the per-device cohort
+    for k in ("engine", "bare", "central"):
+        assert _close(r[f"{k}_updates_per_s"], 8 / r[f"{k}_round_s"])
+    assert _close(r["engine_vs_bare_time"], r["engine_round_s"] / r["bare_round_s"])
+    assert _close(r["bare_vs_central_time"], r["bare_round_s"] / r["central_round_s"])
+
+
+def test_engine_breakdown_rejects_a_cohort_the_devices_cannot_split():
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_engine_breakdown.py"),
+                           "--cohort", "7", "--devices", "0"],
+                          env=dict(os.environ,
+                                   XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "--cohort=7" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_million_clients_counts_every_update_once():
+    (r,) = _run("million_clients.py", "--clients", "2000", "--cohort", "500")
+    assert (r["clients"], r["rounds"], r["client_updates"]) == (2000, 4, 2000)
+    assert _close(r["client_updates_per_s"], r["client_updates"] / r["total_seconds"])
+    assert r["peak_rss_mib"] > 0
