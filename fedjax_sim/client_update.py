@@ -161,32 +161,43 @@ def make_client_update(model: Model, config: ClientConfig, max_examples: int
         global_params = params
         valid = jnp.arange(padded) < max_examples  # slots past max_examples: padding
 
-        def epoch(carry, e):
+        def epoch_data(e):
             # Shuffle once per epoch (one gather of the client's data); each step then
             # takes a contiguous slice, the same offset for every client of a chunk.
             order = jnp.pad(epoch_order(key, data.mask, e), (0, padded - max_examples))
             x, y, m = jax.tree.map(lambda a: a[order], (data.x, data.y, data.mask))
-            m = m & valid
+            return x, y, m & valid
 
-            def step(carry, t):
-                p, opt_state, stats = carry
-                xb, yb, mb = (jax.lax.dynamic_slice_in_dim(a, t * batch, batch)
-                              for a in (x, y, m))
-                (_, batch_stats), g = grad_fn(p, global_params, xb, yb, mb)
-                updates, new_opt_state = optimizer.update(g, opt_state, p)
-                new_p = optax.apply_updates(p, updates)
-                active = batch_stats[2] > 0
-                p = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_p, p)
-                opt_state = jax.tree.map(lambda a, b: jnp.where(active, a, b),
-                                         new_opt_state, opt_state)
-                stats = stats + jnp.concatenate([batch_stats, active[None]])
-                return (p, opt_state, stats), None
+        def step(carry, t, x, y, m):
+            p, opt_state, stats = carry
+            xb, yb, mb = (jax.lax.dynamic_slice_in_dim(a, t * batch, batch)
+                          for a in (x, y, m))
+            (_, batch_stats), g = grad_fn(p, global_params, xb, yb, mb)
+            updates, new_opt_state = optimizer.update(g, opt_state, p)
+            new_p = optax.apply_updates(p, updates)
+            active = batch_stats[2] > 0
+            p = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_p, p)
+            opt_state = jax.tree.map(lambda a, b: jnp.where(active, a, b),
+                                     new_opt_state, opt_state)
+            stats = stats + jnp.concatenate([batch_stats, active[None]])
+            return p, opt_state, stats
 
-            return jax.lax.scan(step, carry, jnp.arange(steps_per_epoch))[0], None
+        def steps(carry, first, x, y, m):
+            if first >= steps_per_epoch:
+                return carry
+            return jax.lax.scan(lambda c, t: (step(c, t, x, y, m), None), carry,
+                                jnp.arange(first, steps_per_epoch))[0]
 
+        # The first step runs outside the loop, on the global params themselves: under
+        # vmap they are not yet per-client, so its forward and input-gradient matmuls are
+        # shared by the whole chunk (one large matmul instead of one small one per client).
         init = (params, optimizer.init(params), jnp.zeros((4,), jnp.float32))
-        (final, _, stats), _ = jax.lax.scan(
-            epoch, init, jnp.arange(config.local_epochs, dtype=jnp.uint32))
+        x, y, m = epoch_data(jnp.uint32(0))
+        carry = steps(step(init, 0, x, y, m), 1, x, y, m)
+        if config.local_epochs > 1:
+            carry, _ = jax.lax.scan(lambda c, e: (steps(c, 0, *epoch_data(e)), None), carry,
+                                    jnp.arange(1, config.local_epochs, dtype=jnp.uint32))
+        final, _, stats = carry
         delta = jax.tree.map(lambda a, b: a - b, final, params)
         count = jnp.sum(data.mask.astype(jnp.float32))
         seen = jnp.maximum(stats[2], 1.0)
