@@ -188,15 +188,19 @@ def make_client_update(model: Model, config: ClientConfig, max_examples: int
             return jax.lax.scan(lambda c, t: (step(c, t, x, y, m), None), carry,
                                 jnp.arange(first, steps_per_epoch))[0]
 
-        # The first step runs outside the loop, on the global params themselves: under
-        # vmap they are not yet per-client, so its forward and input-gradient matmuls are
-        # shared by the whole chunk (one large matmul instead of one small one per client).
         init = (params, optimizer.init(params), jnp.zeros((4,), jnp.float32))
-        x, y, m = epoch_data(jnp.uint32(0))
-        carry = steps(step(init, 0, x, y, m), 1, x, y, m)
-        if config.local_epochs > 1:
-            carry, _ = jax.lax.scan(lambda c, e: (steps(c, 0, *epoch_data(e)), None), carry,
-                                    jnp.arange(1, config.local_epochs, dtype=jnp.uint32))
+        if config.local_epochs == 1:
+            # The first step runs outside the loop, on the global params themselves: under
+            # vmap they are not yet per-client, so its forward and input-gradient matmuls
+            # are shared by the whole chunk (one large matmul instead of one per client).
+            # Measured on 2 CPU cores: MLP rounds 10% and softmax rounds 17% faster. With
+            # several epochs the same split (epoch 0 outside the epoch loop) made the
+            # main job's round 1.45x slower, so multi-epoch updates keep a single loop.
+            x, y, m = epoch_data(jnp.uint32(0))
+            carry = steps(step(init, 0, x, y, m), 1, x, y, m)
+        else:
+            carry, _ = jax.lax.scan(lambda c, e: (steps(c, 0, *epoch_data(e)), None), init,
+                                    jnp.arange(config.local_epochs, dtype=jnp.uint32))
         final, _, stats = carry
         delta = jax.tree.map(lambda a, b: a - b, final, params)
         count = jnp.sum(data.mask.astype(jnp.float32))
