@@ -38,7 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from bench_throughput import DIM, CLASSES, make_population
 from fedjax_sim.algorithms import make_algorithm
-from fedjax_sim.cohort import CLIENTS_AXIS, client_mesh, default_chunk_size
+from fedjax_sim.cohort import CLIENTS_AXIS, client_mesh
 from fedjax_sim.models import make_model
 from fedjax_sim.rounds import make_round
 from fedjax_sim.sampling import FixedSizeSampler
