@@ -193,9 +193,10 @@ def make_client_update(model: Model, config: ClientConfig, max_examples: int
             # The first step runs outside the loop, on the global params themselves: under
             # vmap they are not yet per-client, so its forward and input-gradient matmuls
             # are shared by the whole chunk (one large matmul instead of one per client).
-            # Measured on 2 CPU cores: MLP rounds 10% and softmax rounds 17% faster. With
-            # several epochs the same split (epoch 0 outside the epoch loop) made the
-            # main job's round 1.45x slower, so multi-epoch updates keep a single loop.
+            # Measured on 2 CPU cores: the benchmark's MLP round 10% faster, the main
+            # job's softmax round with one epoch 17% faster. With several epochs the same
+            # split (epoch 0 outside the epoch loop) made the main job's round 1.45x
+            # slower, so multi-epoch updates keep a single loop.
             x, y, m = epoch_data(jnp.uint32(0))
             carry = steps(step(init, 0, x, y, m), 1, x, y, m)
         else:
