@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bench_throughput import DIM, CLASSES, make_population
+from bench_throughput import CLASSES, DIM, centralised_equivalent, make_population
 from fedjax_sim.algorithms import make_algorithm
 from fedjax_sim.cohort import CLIENTS_AXIS, client_mesh
 from fedjax_sim.models import make_model
@@ -123,17 +123,7 @@ def main():
     else:
         x, y = jnp.asarray(x), jnp.asarray(y)
 
-    xb = jnp.asarray(np.asarray(data.x)[:, :n].reshape(c, steps, b, DIM).transpose(
-        1, 0, 2, 3).reshape(steps, c * b, DIM))
-    yb = jnp.asarray(np.asarray(data.y)[:, :n].reshape(c, steps, b).transpose(
-        1, 0, 2).reshape(steps, c * b))
-
-    @jax.jit
-    def central(params, xb, yb):
-        def step(p, batch):
-            g = jax.grad(lambda q: model.per_example_loss(q, *batch).mean())(p)
-            return jax.tree.map(lambda a, g_: a - LR * g_, p, g), None
-        return jax.lax.scan(step, params, (xb, yb))[0]
+    central, xb, yb = centralised_equivalent(model, data, steps, b, lr=LR)
 
     holder = {"r": 1}
 

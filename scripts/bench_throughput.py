@@ -66,6 +66,33 @@ def make_population(cohort, examples, seed=0):
     return make_federated_data(x, y, np.full(cohort, examples), num_classes=CLASSES)
 
 
+def centralised_equivalent(model, data, steps, batch_size, lr=0.05):
+    """``(central, xb, yb)``: ``central(params, xb, yb)`` trains one model for ``steps`` SGD
+    steps, step t on the union of every client's t-th local batch (``xb``, ``yb`` laid out
+    step-major in advance, ``[steps, clients * batch_size, ...]``)."""
+    clients = data.x.shape[0]
+    rows = steps * batch_size
+    xb = jnp.asarray(np.asarray(data.x)[:, :rows].reshape(
+        clients, steps, batch_size, DIM).transpose(1, 0, 2, 3).reshape(
+        steps, clients * batch_size, DIM))
+    yb = jnp.asarray(np.asarray(data.y)[:, :rows].reshape(
+        clients, steps, batch_size).transpose(1, 0, 2).reshape(steps, clients * batch_size))
+    opt = optax.sgd(lr)
+
+    @jax.jit
+    def central(params, xb, yb):
+        def one(carry, batch):
+            p, s = carry
+            g = jax.grad(lambda q: model.per_example_loss(q, *batch).mean())(p)
+            u, s = opt.update(g, s, p)
+            return (optax.apply_updates(p, u), s), None
+
+        (p, _), _ = jax.lax.scan(one, (params, opt.init(params)), (xb, yb))
+        return p
+
+    return central, xb, yb
+
+
 def bench(workload, cohort, *, examples, batch_size, chunk_size, repeats, loop_clients,
           mesh=None):
     model = make_model("softmax" if workload == "softmax" else "mlp", (DIM,), CLASSES,
@@ -123,23 +150,7 @@ def bench(workload, cohort, *, examples, batch_size, chunk_size, repeats, loop_c
     record["loop_updates_per_s"] = cohort / t_loop
 
     # Centralised equivalent: same examples, same number of steps, one model.
-    opt = optax.sgd(0.05)
-    xb = jnp.asarray(np.asarray(data.x)[:, :steps * batch_size].reshape(
-        cohort, steps, batch_size, DIM).transpose(1, 0, 2, 3).reshape(
-        steps, cohort * batch_size, DIM))
-    yb = jnp.asarray(np.asarray(data.y)[:, :steps * batch_size].reshape(
-        cohort, steps, batch_size).transpose(1, 0, 2).reshape(steps, cohort * batch_size))
-
-    @jax.jit
-    def central(params, xb, yb):
-        def one(carry, batch):
-            p, s = carry
-            g = jax.grad(lambda q: model.per_example_loss(q, *batch).mean())(p)
-            u, s = opt.update(g, s, p)
-            return (optax.apply_updates(p, u), s), None
-
-        (p, _), _ = jax.lax.scan(one, (params, opt.init(params)), (xb, yb))
-        return p
+    central, xb, yb = centralised_equivalent(model, data, steps, batch_size)
 
     t0 = time.perf_counter()
     jax.block_until_ready(central(params, xb, yb))
