@@ -27,9 +27,10 @@ import statistics
 import sys
 import time
 
-if __name__ == "__main__" and "--devices" in sys.argv:  # before JAX starts its backends
-    from fedjax_sim.cli import use_every_cpu_core
-    use_every_cpu_core()
+from _cpu_setup import allowed_cores, configure_cpu
+
+if __name__ == "__main__":  # --cores / --devices act before JAX starts its backends
+    configure_cpu(sys.argv)
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +92,8 @@ def main():
     p.add_argument("--repeats", type=int, default=21)
     p.add_argument("--devices", type=int, default=1,
                    help="devices to shard clients over; 0 = all (on CPU, one per core)")
+    p.add_argument("--cores", type=int, default=0,
+                   help="pin the process to its first N cores before JAX starts; 0 = all")
     args = p.parse_args()
     c, n, b = args.cohort, args.examples, args.batch_size
     if n % b:
@@ -153,6 +156,7 @@ def main():
               "engine_vs_central_time": med["engine"] / med["central"],
               "bare_vs_central_time": med["bare"] / med["central"],
               "engine_vs_bare_time": med["engine"] / med["bare"],
+              "cores": allowed_cores(),
               "jax": jax.__version__, "backend": jax.default_backend(),
               "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(record), flush=True)

@@ -28,9 +28,10 @@ import statistics
 import sys
 import time
 
-if __name__ == "__main__" and "--devices" in sys.argv:  # before JAX starts its backends
-    from fedjax_sim.cli import use_every_cpu_core
-    use_every_cpu_core()
+from _cpu_setup import allowed_cores, configure_cpu
+
+if __name__ == "__main__":  # --cores / --devices act before JAX starts its backends
+    configure_cpu(sys.argv)
 
 import jax
 import jax.numpy as jnp
@@ -183,12 +184,16 @@ def main():
                    help="shard the engine's cohort over this many local devices; 0 = all "
                         "(on CPU, passing --devices makes one host device per core unless "
                         "XLA_FLAGS sets --xla_force_host_platform_device_count)")
+    p.add_argument("--cores", type=int, default=0,
+                   help="pin the process (engine, loop and central alike) to its first N "
+                        "cores before JAX starts; 0 = every allowed core")
     p.add_argument("--loop-clients", type=int, default=1000,
                    help="clients actually timed in the loop (extrapolated linearly)")
     args = p.parse_args()
     env = {"jax": jax.__version__, "backend": jax.default_backend(),
            "device": str(jax.devices()[0].device_kind), "cpu": platform.processor() or
-           platform.machine(), "date": time.strftime("%Y-%m-%d")}
+           platform.machine(), "date": time.strftime("%Y-%m-%d"),
+           "cores": allowed_cores()}
     devices = jax.devices() if args.devices == 0 else jax.devices()[:args.devices]
     mesh = None if len(devices) == 1 else client_mesh(devices)
     env["xla_flags"] = os.environ.get("XLA_FLAGS", "")

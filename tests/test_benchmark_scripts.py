@@ -33,9 +33,10 @@ def _close(a, b):
 @pytest.mark.slow  # two workloads, compile-dominated: about 30 s on 2 cores
 def test_bench_throughput_records_agree_with_their_times():
     records = _run("bench_throughput.py", "--cohorts", "8", "--repeats", "1",
-                   "--loop-clients", "3", "--chunk-size", "4")
+                   "--loop-clients", "3", "--chunk-size", "4", "--cores", "1")
     assert [(r["workload"], r["cohort"]) for r in records] == [("softmax", 8), ("mlp", 8)]
     for r in records:
+        assert r["cores"] == 1
         for field in ("engine_updates_per_s", "loop_updates_per_s",
                       "central_equiv_updates_per_s", "engine_compile_s"):
             assert r[field] > 0, field
@@ -65,6 +66,14 @@ def test_engine_breakdown_rejects_a_cohort_the_devices_cannot_split():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "--cohort=7" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_throughput_rejects_more_cores_than_it_may_use():
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_throughput.py"),
+                           "--cores", str(os.cpu_count() + 1)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "--cores=" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_million_clients_counts_every_update_once():
