@@ -143,7 +143,7 @@ def per_example_cross_entropy(logits: jax.Array, labels: jax.Array
     Returns:
       ``(loss, correct)``: float loss and bool correctness, both of shape ``labels.shape``.
     """
-    classes = jnp.arange(logits.shape[-1], dtype=labels.dtype)
+    classes = jnp.arange(logits.shape[-1])
     y = labels[..., None]
     label_logit = jnp.sum(jnp.where(classes == y, logits, 0.0), axis=-1, keepdims=True)
     in_range = (labels >= 0) & (labels < logits.shape[-1])

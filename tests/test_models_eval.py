@@ -9,7 +9,7 @@ import pytest
 from fedjax_sim._validation import ConfigError
 from fedjax_sim.evaluation import (evaluate_clients, make_central_evaluator,
                                    per_client_metrics)
-from fedjax_sim.models import make_model
+from fedjax_sim.models import make_model, per_example_cross_entropy
 
 from conftest import random_federated
 
@@ -80,10 +80,12 @@ def test_per_client_evaluation_both_aggregates():
     assert summary["num_clients"] == int((ns > 0).sum())
 
 
-@pytest.mark.parametrize("batch", [(10,), (3, 4), (300,)])
-def test_dense_layout_trick_changes_no_derivative(batch):
-    """Values, gradients, JVPs and second derivatives equal plain ``x @ w + b`` ReLU MLPs."""
-    model = make_model("mlp", (6,), 4, hidden=(5,))
+@pytest.mark.parametrize("batch,hidden", [((10,), 5), ((3, 4), 5), ((300,), 5),
+                                          ((10,), 16)])  # hidden layer wider than the batch
+def test_dense_layout_trick_changes_no_derivative(batch, hidden):
+    """Values, gradients, JVPs and second derivatives equal plain ``x @ w + b`` ReLU MLPs,
+    on every weight-gradient layout (narrow and wide layers, small and large batches)."""
+    model = make_model("mlp", (6,), 4, hidden=(hidden,))
     params = model.init(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), batch + (6,))
 
@@ -106,3 +108,31 @@ def test_dense_layout_trick_changes_no_derivative(batch):
           jax.grad(lambda p: optax.tree.norm(jax.grad(loss(plain))(p)))(params))
     close(jax.vmap(jax.grad(loss(model.apply)))(jax.tree.map(lambda a: a[None], params)),
           jax.vmap(jax.grad(loss(plain)))(jax.tree.map(lambda a: a[None], params)))
+
+
+@pytest.mark.parametrize("rounding", [None, 0, 1])  # rounded logits: many exact ties
+def test_cross_entropy_and_correctness_match_optax_and_argmax(rounding):
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(2000, 7)).astype(np.float32) * 2
+    if rounding is not None:
+        logits = np.round(logits, rounding)
+    logits[:7] = 0.0  # all classes tied: argmax says class 0
+    labels = rng.integers(0, 7, 2000)
+    labels[:7] = np.arange(7)
+    loss, correct = per_example_cross_entropy(jnp.asarray(logits), jnp.asarray(labels))
+    np.testing.assert_allclose(
+        loss, optax.softmax_cross_entropy_with_integer_labels(logits, labels), rtol=1e-6,
+        atol=1e-6)
+    np.testing.assert_array_equal(correct, logits.argmax(-1) == labels)
+    assert correct[:7].tolist() == [True] + [False] * 6
+    grad = jax.grad(lambda z: per_example_cross_entropy(z, labels)[0].sum())(logits)
+    ref = jax.grad(lambda z: optax.softmax_cross_entropy_with_integer_labels(z, labels).sum())(
+        logits)
+    np.testing.assert_allclose(grad, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_cross_entropy_flags_labels_out_of_range():
+    logits = jnp.zeros((3, 4))
+    loss, correct = per_example_cross_entropy(logits, jnp.array([-1, 4, 2]))
+    assert np.isnan(loss[0]) and np.isnan(loss[1]) and np.isfinite(loss[2])
+    assert correct.tolist() == [False, False, False]
