@@ -97,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 def use_every_cpu_core() -> None:
     """Splits the host CPU into one XLA device per core, unless the user chose a count.
 
-    XLA:CPU runs a device's batched client updates on one thread, so a one-device CPU
-    leaves the other cores idle; with one device per core the cohort is sharded over all
-    of them (``num_devices = 0``). Takes effect only before JAX starts its backends; set
+    With one device, XLA:CPU splits each chunk's small batched matmuls over the cores;
+    on a 2-core VM that made the MLP round 1.6x slower than one pinned core
+    (BENCHMARKS.md). With one device per core, the cohort is sharded over all of them
+    (``num_devices = 0``) and each core trains its own slice of clients. Takes effect
+    only before JAX starts its backends; set
     ``XLA_FLAGS=--xla_force_host_platform_device_count=1`` to keep one device.
     """
     flags = os.environ.get("XLA_FLAGS", "")
