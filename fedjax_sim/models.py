@@ -7,77 +7,16 @@ functions of :class:`Model`. Any classifier whose ``apply(params, x)`` returns l
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fedjax_sim._layouts import dense_dot_general, patch_conv
 from fedjax_sim._validation import check_choice, check_int, fail
 
 PyTree = Any
-
-
-SMALL_BATCH_ROWS = 256
-"""Dense layers seeing at most this many input rows get the weight-gradient layout below."""
-
-
-@jax.custom_jvp
-def _dense_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    return jnp.matmul(x, w)
-
-
-@_dense_matmul.defjvp
-def _dense_matmul_jvp(primals, tangents):
-    """``x @ w``'s JVP, written so that XLA:CPU computes its transpose (the weight
-    gradient ``x^T g``) with a fast matmul layout when a layer sees few rows.
-
-    Left alone, XLA emits the weight gradient as a dot contracting the leading (row)
-    axes of both operands; vmapped over clients with a small local batch, XLA:CPU runs
-    that batched dot several times slower than a plain one. Optimisation barriers pin
-    one of two layouts, chosen by which costs fewer extra bytes:
-
-    * narrow outputs (``j <= rows``, e.g. a classifier head): the tangent is
-      ``(dw^T x^T)^T``, whose transpose is ``barrier(barrier(g^T) @ x)^T``: a
-      transposed cotangent (``j x rows``, as small as the layer's output), a plain
-      ``[j, rows] x [rows, i]`` dot, and a final transpose that fuses into the
-      optimiser's update;
-    * wide outputs: ``x^T`` (``i x rows``) is materialised and the weight gradient is
-      the plain ``[i, rows] x [rows, j]`` dot, with no transpose of the ``i x j``
-      result.
-
-    Measured by interleaved A/B on 2 CPU cores (BENCHMARKS.md): the first form makes
-    the softmax-regression round about 10% faster than the second, and applying it to
-    the 200-wide MLP layers made that round about 5% slower. For large batches
-    (centralised training) neither copy pays, and the plain form is kept. Values are
-    unchanged in every case, forward-mode tangents included.
-    """
-    x, w = primals
-    dx, dw = tangents
-    rows = math.prod(x.shape[:-1])
-    x2 = x.reshape(rows, x.shape[-1])
-    if rows > SMALL_BATCH_ROWS:
-        dw_term = x2 @ dw
-    elif w.shape[-1] <= rows:
-        dwt = jax.lax.optimization_barrier(dw.T)
-        dw_term = jax.lax.optimization_barrier(dwt @ x2.T).T
-    else:
-        dw_term = jax.lax.optimization_barrier(x2.T).T @ dw
-    return (jnp.matmul(x, w),
-            jnp.matmul(dx, w) + dw_term.reshape(x.shape[:-1] + (w.shape[-1],)))
-
-
-def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
-                      preferred_element_type=None):
-    """``lax.dot_general`` for ``flax.linen.Dense``, with :func:`_dense_matmul`'s layout of
-    the weight gradient for the plain ``[..., i] x [i, j]`` case."""
-    (lc, rc), (lb, rb) = dimension_numbers
-    if (lb or rb or tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,) or rhs.ndim != 2
-            or precision is not None or preferred_element_type is not None):
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                                   preferred_element_type=preferred_element_type)
-    return _dense_matmul(lhs, rhs)
 
 
 class SoftmaxRegression(nn.Module):
@@ -117,7 +56,7 @@ class CNN(nn.Module):
     @nn.compact
     def __call__(self, x):
         for f in self.features:
-            x = nn.relu(nn.Conv(f, (3, 3), padding="SAME")(x))
+            x = nn.relu(nn.Conv(f, (3, 3), padding="SAME", conv_general_dilated=patch_conv)(x))
             x = nn.avg_pool(x, (2, 2), strides=(2, 2), padding="SAME")
         x = x.reshape(x.shape[:-3] + (-1,))
         x = nn.relu(nn.Dense(self.dense, dot_general=dense_dot_general)(x))

@@ -80,36 +80,6 @@ def test_per_client_evaluation_both_aggregates():
     assert summary["num_clients"] == int((ns > 0).sum())
 
 
-@pytest.mark.parametrize("batch,hidden", [((10,), 5), ((3, 4), 5), ((300,), 5),
-                                          ((10,), 16)])  # hidden layer wider than the batch
-def test_dense_layout_trick_changes_no_derivative(batch, hidden):
-    """Values, gradients, JVPs and second derivatives equal plain ``x @ w + b`` ReLU MLPs,
-    on every weight-gradient layout (narrow and wide layers, small and large batches)."""
-    model = make_model("mlp", (6,), 4, hidden=(hidden,))
-    params = model.init(jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), batch + (6,))
-
-    def plain(p, x):
-        h = jax.nn.relu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
-        return h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
-
-    def loss(f):
-        return lambda p: jnp.sum(jnp.tanh(f(p, x)) ** 2)
-
-    def close(a, b):
-        jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5),
-                     a, b)
-
-    close(model.apply(params, x), plain(params, x))
-    close(jax.grad(loss(model.apply))(params), jax.grad(loss(plain))(params))
-    close(jax.jvp(loss(model.apply), (params,), (params,)),
-          jax.jvp(loss(plain), (params,), (params,)))
-    close(jax.grad(lambda p: optax.tree.norm(jax.grad(loss(model.apply))(p)))(params),
-          jax.grad(lambda p: optax.tree.norm(jax.grad(loss(plain))(p)))(params))
-    close(jax.vmap(jax.grad(loss(model.apply)))(jax.tree.map(lambda a: a[None], params)),
-          jax.vmap(jax.grad(loss(plain)))(jax.tree.map(lambda a: a[None], params)))
-
-
 @pytest.mark.parametrize("rounding", [None, 0, 1])  # rounded logits: many exact ties
 def test_cross_entropy_and_correctness_match_optax_and_argmax(rounding):
     rng = np.random.default_rng(4)
