@@ -52,11 +52,13 @@ def default_chunk_size(num_params: int, cohort: int) -> int:
     5 * 10^5 floats, a few times the 1 MiB L2 cache of a core: softmax regression (610
     params) gets 256, the cap; a 54k-param MLP gets 8, whose FedAvg round at cohort 1,000
     took 500 ms against 638 ms with chunks of 16 on one device, and 229 against 304 ms on
-    two. Larger chunks spill out of cache, smaller ones pay per-chunk overhead.
+    two. Larger chunks spill out of cache, smaller ones pay per-chunk overhead. Models of
+    more than 5 * 10^5 params get chunks of 1: a 420k-param CNN on 28x28 images trained
+    39.6 ms per client with chunks of 1 against 49.2 ms with chunks of 4.
     """
     target = max(1, int(5e5 // max(num_params, 1)))
     chunk = 1 << (target.bit_length() - 1)
-    return max(1, min(cohort, min(256, max(8, chunk))))
+    return max(1, min(cohort, 256, chunk))
 
 
 def _one_client_data(population: Population, client_id: jax.Array):
