@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fedjax_sim._validation import check_int
 from fedjax_sim.algorithms import FederatedAlgorithm
@@ -179,13 +179,18 @@ def make_round(model: Model, algorithm: FederatedAlgorithm, sampler: Sampler, *,
         w = jnp.where(chunk.mask & ~malicious(cids), chunk.weights, 0.0)
         return weighted_sum(chunk.updates, w), jnp.sum(w)
 
+    # With a mesh the server state lives replicated on it, from init on: a state whose
+    # sharding changed between rounds would make round 2 compile the round again.
+    replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+
     def init(key: jax.Array) -> ServerState:
         params = model.init(key)
         client_states = () if client_state_init is None else client_state_init(
             params, sampler.num_clients)
-        return ServerState(params=params, opt_state=server_opt.init(params),
-                           transform_state=transform.init(params),
-                           client_states=client_states, round=jnp.zeros((), jnp.int32))
+        state = ServerState(params=params, opt_state=server_opt.init(params),
+                            transform_state=transform.init(params),
+                            client_states=client_states, round=jnp.zeros((), jnp.int32))
+        return state if replicated is None else jax.device_put(state, replicated)
 
     def step(state: ServerState, population: Population, round_key: jax.Array):
         sample_key, client_key = split_round_key(round_key)
@@ -248,6 +253,8 @@ def make_round(model: Model, algorithm: FederatedAlgorithm, sampler: Sampler, *,
         new_state = ServerState(params=params, opt_state=opt_state,
                                 transform_state=transform_state,
                                 client_states=client_states, round=state.round + 1)
+        if replicated is not None:  # as init placed it: round 2 reuses round 1's program
+            new_state = jax.lax.with_sharding_constraint(new_state, replicated)
         client_metrics = dict(out.metrics, weight=out.weight, finite=out.finite)
         return new_state, RoundOutput(metrics, ids, client_metrics)
 

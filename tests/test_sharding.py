@@ -1,4 +1,5 @@
-"""The cohort sharded over 4 fake CPU devices gives the single-device result."""
+"""The cohort sharded over 4 fake CPU devices gives the single-device result, and a
+sharded round compiles once."""
 
 import json
 import os
@@ -17,9 +18,13 @@ SCRIPT = textwrap.dedent("""
     from fedjax_sim.models import make_model
     from fedjax_sim.rounds import make_round
     from fedjax_sim.sampling import FixedSizeSampler, PoissonSampler
-    from fedjax_sim.server import coordinate_median
+    from fedjax_sim.server import coordinate_median, dp_fedavg_aggregator
 
     assert jax.device_count() == 4, jax.devices()
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.append(event)
+        if event == "/jax/core/compile/backend_compile_duration" else None)
     pop = procedural_label_skew(500, alpha=0.5, seed=3, dim=8, num_classes=4,
                                 max_examples=12, min_examples=2)
     model = make_model("mlp", (8,), 4, hidden=(16,))
@@ -27,15 +32,20 @@ SCRIPT = textwrap.dedent("""
     for name, sampler, transform in (
             ("fixed", FixedSizeSampler(500, 30), None),
             ("poisson", PoissonSampler(500, 0.05), None),
-            ("median", FixedSizeSampler(500, 30), coordinate_median())):
+            ("median", FixedSizeSampler(500, 30), coordinate_median()),
+            ("dp", FixedSizeSampler(500, 30),
+             dp_fedavg_aggregator(1.0, 1.0, 30, key=jax.random.key(7)))):
         alg = make_algorithm("fedadam", client_lr=0.1, local_epochs=1, batch_size=4,
                              server_transform=transform)
         params = {}
         for mesh in (None, client_mesh()):
             fr = make_round(model, alg, sampler, max_examples=12, chunk_size=3, mesh=mesh)
             state = fr.init(jax.random.key(0))
-            for r in range(2):
-                state, out = fr.step(state, pop, jax.random.key(r))
+            state, out = fr.step(state, pop, jax.random.key(0))
+            before = len(compiles)
+            state, out = fr.step(state, pop, jax.random.key(1))
+            results[name + ("_sharded" if mesh else "_single") + "_recompiles"] = (
+                len(compiles) - before)
             params["sharded" if mesh else "single"] = state.params
             if mesh is not None:
                 leaf = jax.tree.leaves(out.client_metrics)[0]
@@ -61,3 +71,7 @@ def test_sharded_round_equals_single_device():
     assert res["fixed"] < 1e-5, res
     assert res["poisson"] < 1e-5, res
     assert res["median"] < 1e-5, res
+    assert res["dp"] < 1e-5, res  # the noise key in the server state is replicated too
+    # Round 2 reuses round 1's program: the state keeps its sharding across rounds.
+    assert all(res[f"{name}_{where}_recompiles"] == 0 for name in ("fixed", "poisson",
+               "median", "dp") for where in ("single", "sharded")), res
