@@ -37,10 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bench_throughput import CLASSES, DIM, centralised_equivalent, make_population
+from bench_throughput import (EXAMPLE_SHAPES, centralised_equivalent, make_population,
+                              make_workload_model)
 from fedjax_sim.algorithms import make_algorithm
 from fedjax_sim.cohort import CLIENTS_AXIS, client_mesh
-from fedjax_sim.models import make_model
 from fedjax_sim.rounds import make_round
 from fedjax_sim.sampling import FixedSizeSampler
 
@@ -85,7 +85,7 @@ def make_bare(model, chunk, mesh):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workload", choices=["softmax", "mlp"], default="softmax")
+    p.add_argument("--workload", choices=sorted(EXAMPLE_SHAPES), default="softmax")
     p.add_argument("--cohort", type=int, default=1000)
     p.add_argument("--examples", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=10)
@@ -104,8 +104,9 @@ def main():
     if c % len(devices):
         p.error(f"--cohort={c} must be a multiple of the {len(devices)} devices")
 
-    model = make_model(args.workload, (DIM,), CLASSES, hidden=(200, 200))
-    data = make_population(c, n)
+    model = make_workload_model(args.workload)
+    shape = EXAMPLE_SHAPES[args.workload]
+    data = make_population(c, n, example_shape=shape)
     alg = make_algorithm("fedavg", client_lr=LR, local_epochs=1, batch_size=b)
     fr = make_round(model, alg, FixedSizeSampler(c, c), max_examples=n, mesh=mesh)
     state = fr.init(jax.random.key(0))
@@ -118,7 +119,7 @@ def main():
     per_device = c // len(devices)
     chunk = max(d for d in range(1, fr.chunk_size + 1) if per_device % d == 0)
     bare = make_bare(model, chunk, mesh)
-    x = np.asarray(data.x)[:, :n].reshape(c, steps, b, DIM)
+    x = np.asarray(data.x)[:, :n].reshape((c, steps, b) + shape)
     y = np.asarray(data.y)[:, :n].reshape(c, steps, b)
     if mesh is not None:
         shard = NamedSharding(mesh, PartitionSpec(CLIENTS_AXIS))

@@ -1,6 +1,7 @@
 """Client-update throughput: the engine vs a per-client Python loop vs centralised training.
 
-For each workload (softmax regression, MLP) and cohort size, in one process:
+For each workload (softmax regression and an MLP by default; `--workloads cnn` adds the
+small CNN on 8x8 images) and cohort size, in one process:
 
 * ``engine``: one full jitted round (sampling, gathering, local training of every
   client, weighted mean, server step) over a population of exactly ``cohort`` clients;
@@ -59,11 +60,23 @@ def _timed(fn, repeats):
     return statistics.median(times)
 
 
-def make_population(cohort, examples, seed=0):
+EXAMPLE_SHAPES = {"softmax": (DIM,), "mlp": (DIM,), "cnn": (8, 8, 1)}
+"""Example shape of each workload: 60 features, or 8x8 one-channel images (digits-sized)."""
+
+
+def make_workload_model(workload):
+    """The workload's model: softmax regression, a 200-200 MLP, or the small CNN."""
+    return make_model(workload, EXAMPLE_SHAPES[workload], CLASSES, hidden=(200, 200))
+
+
+def make_population(cohort, examples, seed=0, example_shape=(DIM,)):
+    """``cohort`` clients of ``examples`` Gaussian examples, labelled by a random linear map."""
     rng = np.random.default_rng(seed)
-    w = rng.normal(size=(DIM, CLASSES))
-    x = rng.normal(size=(cohort, examples, DIM)).astype(np.float32)
+    dim = int(np.prod(example_shape))
+    w = rng.normal(size=(dim, CLASSES))
+    x = rng.normal(size=(cohort, examples, dim)).astype(np.float32)
     y = (x @ w).argmax(-1)
+    x = x.reshape((cohort, examples) + tuple(example_shape))
     return make_federated_data(x, y, np.full(cohort, examples), num_classes=CLASSES)
 
 
@@ -71,11 +84,11 @@ def centralised_equivalent(model, data, steps, batch_size, lr=0.05):
     """``(central, xb, yb)``: ``central(params, xb, yb)`` trains one model for ``steps`` SGD
     steps, step t on the union of every client's t-th local batch (``xb``, ``yb`` laid out
     step-major in advance, ``[steps, clients * batch_size, ...]``)."""
-    clients = data.x.shape[0]
+    clients, shape = data.x.shape[0], data.x.shape[2:]
     rows = steps * batch_size
     xb = jnp.asarray(np.asarray(data.x)[:, :rows].reshape(
-        clients, steps, batch_size, DIM).transpose(1, 0, 2, 3).reshape(
-        steps, clients * batch_size, DIM))
+        (clients, steps, batch_size) + shape).swapaxes(0, 1).reshape(
+        (steps, clients * batch_size) + shape))
     yb = jnp.asarray(np.asarray(data.y)[:, :rows].reshape(
         clients, steps, batch_size).transpose(1, 0, 2).reshape(steps, clients * batch_size))
     opt = optax.sgd(lr)
@@ -96,9 +109,8 @@ def centralised_equivalent(model, data, steps, batch_size, lr=0.05):
 
 def bench(workload, cohort, *, examples, batch_size, chunk_size, repeats, loop_clients,
           mesh=None):
-    model = make_model("softmax" if workload == "softmax" else "mlp", (DIM,), CLASSES,
-                       hidden=(200, 200))
-    data = make_population(cohort, examples)
+    model = make_workload_model(workload)
+    data = make_population(cohort, examples, example_shape=EXAMPLE_SHAPES[workload])
     alg = make_algorithm("fedavg", client_lr=0.05, local_epochs=1, batch_size=batch_size)
     steps = -(-examples // batch_size)
     record = {"workload": workload, "cohort": cohort, "examples_per_client": examples,
@@ -173,7 +185,8 @@ def bench(workload, cohort, *, examples, batch_size, chunk_size, repeats, loop_c
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workloads", nargs="+", default=["softmax", "mlp"])
+    p.add_argument("--workloads", nargs="+", default=["softmax", "mlp"],
+                   choices=sorted(EXAMPLE_SHAPES))
     p.add_argument("--cohorts", nargs="+", type=int, default=[100, 1000, 10000])
     p.add_argument("--examples", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=10)
