@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent("""
                              server_transform=transform)
         params = {}
         for mesh in (None, client_mesh()):
-            fr = make_round(model, alg, sampler, max_examples=12, chunk_size=3, mesh=mesh)
+            fr = make_round(model, alg, sampler, max_examples=12, chunk_size=4, mesh=mesh)
             state = fr.init(jax.random.key(0))
             state, out = fr.step(state, pop, jax.random.key(0))
             before = len(compiles)
