@@ -55,3 +55,13 @@ def execute_notebook(name, monkeypatch, *, timeout=600):
     text = "".join(o.get("text", "") for o in outputs)
     images = sum("image/png" in o.get("data", {}) for o in outputs)
     return text, images
+
+
+def pytest_collection_modifyitems(config, items):
+    """Runs the tests marked ``slow`` first (stable order otherwise).
+
+    With ``pytest -n 2`` the long tests (notebooks, the sharded round) then start while
+    the short ones can still fill the other worker, instead of one worker finishing a
+    two-minute test alone at the end.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

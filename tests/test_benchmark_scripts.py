@@ -77,6 +77,7 @@ def test_bench_throughput_rejects_more_cores_than_it_may_use():
     assert "--cores=" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # 25-40 s on 2 busy cores (2026-11-29)
 def test_million_clients_counts_every_update_once():
     (r,) = _run("million_clients.py", "--clients", "2000", "--cohort", "500")
     assert (r["clients"], r["rounds"], r["client_updates"]) == (2000, 4, 2000)

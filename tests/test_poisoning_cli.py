@@ -12,6 +12,7 @@ SMALL = ["--num-clients", "200", "--cohort-size", "40", "--rounds", "2",
          "--max-examples", "16", "--eval-clients", "50", "--no-progress"]
 
 
+@pytest.mark.slow  # 25-40 s on 2 busy cores (2026-11-29)
 def test_backdoor_run_logs_backdoor_success_per_evaluation(tmp_path):
     out = tmp_path / "run"
     assert main(["run", *SMALL, "--attack", "backdoor", "--malicious-fraction", "0.1",

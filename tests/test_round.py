@@ -190,6 +190,7 @@ def test_client_state_is_gathered_and_scattered():
                                   np.arange(8)[visited])
 
 
+@pytest.mark.slow  # 25-40 s on 2 busy cores (2026-11-29)
 def test_map_cohort_chunking_matches_vmap():
     data = random_federated(num_clients=11, max_examples=5, min_count=1, seed=14)
     model = make_model("softmax", (5,), 3)
