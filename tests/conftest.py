@@ -1,8 +1,16 @@
 """Shared test setup: CPU only, strict dtype promotion off-by-default is kept, small sizes."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite checks numbers, not speed: XLA's backend (LLVM) optimisation level changes how
+# fast compiled code runs, not what it computes, and at 0 the many small test programs
+# compile about a fifth faster. Subprocesses (CLI, scripts, notebook kernels) inherit it.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -65,3 +73,49 @@ def pytest_collection_modifyitems(config, items):
     two-minute test alone at the end.
     """
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def xla_flags(*flags):
+    """The inherited ``XLA_FLAGS`` (the suite's optimisation level) plus ``flags``."""
+    return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+
+
+_CACHE_ENV = {
+    "JAX_COMPILATION_CACHE_DIR": None,  # set in pytest_configure
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+}
+
+
+def pytest_configure(config):
+    """One persistent XLA compilation cache for the whole run, removed at its end.
+
+    Many tests compile the same programs (the same round configuration in another test,
+    the same model in a CLI subprocess); a shared on-disk cache keyed by the program
+    compiles each once. It starts empty, so nothing carries over between runs. Set up in
+    the controlling process only: xdist workers and subprocesses inherit the environment.
+    Tests that count compilations (test_sharding) drop it from their subprocess.
+
+    Concurrent use: without a size bound JAX takes no lock, and a reader may find an entry
+    another process is still writing; the truncated entry fails to decompress, JAX warns
+    and compiles the program itself (``compiler._cache_read``), so a race costs time, never
+    a wrong executable. (A size bound would add a file lock and an eviction scan per
+    write, which made the suite slower, not faster.)
+    """
+    if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    path = tempfile.mkdtemp(prefix="fedjax_sim_test_xla_cache_")
+    config._fedjax_sim_cache_dir = path
+    for name, value in _CACHE_ENV.items():
+        os.environ[name] = path if value is None else value
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_unconfigure(config):
+    path = getattr(config, "_fedjax_sim_cache_dir", None)
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
+        for name in _CACHE_ENV:
+            os.environ.pop(name, None)

@@ -144,7 +144,10 @@ def test_attacks_are_vmapped_same_as_loop_over_victims():
     for v in (0, 17, 49):
         one = jax.tree.map(lambda u: u[v:v + 1], ups)
         alone = _ig(model, params, one, y[v:v + 1], key=keys[v:v + 1])
-        np.testing.assert_allclose(alone.inputs[0], joint.inputs[v], atol=1e-5)
+        # Tens of Adam steps amplify the last-bit differences between the batched and
+        # the one-victim program (their reductions are tiled differently): up to ~1e-4
+        # here, against differences of order 1 between two victims.
+        np.testing.assert_allclose(alone.inputs[0], joint.inputs[v], atol=3e-4)
         np.testing.assert_allclose(alone.objective[0], joint.objective[v], rtol=1e-4)
         np.testing.assert_allclose(closed_form_attack(one, SHAPE).inputs[0],
                                    cf_joint.inputs[v], atol=1e-6)

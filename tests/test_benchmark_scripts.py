@@ -13,13 +13,15 @@ import sys
 
 import pytest
 
+from conftest import xla_flags
+
 SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
 
 
 def _run(script, *args, devices=None):
     env = dict(os.environ)
     if devices is not None:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = xla_flags(f"--xla_force_host_platform_device_count={devices}")
     proc = subprocess.run([sys.executable, str(SCRIPTS / script), *args], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -63,7 +65,7 @@ def test_engine_breakdown_rejects_a_cohort_the_devices_cannot_split():
     proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_engine_breakdown.py"),
                            "--cohort", "7", "--devices", "0"],
                           env=dict(os.environ,
-                                   XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+                                   XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2")),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "--cohort=7" in proc.stderr and "Traceback" not in proc.stderr

@@ -9,6 +9,8 @@ import textwrap
 
 import pytest
 
+from conftest import xla_flags
+
 SCRIPT = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np
@@ -59,8 +61,10 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_sharded_round_equals_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"),
                JAX_PLATFORMS="cpu")
+    # Every compilation must reach the backend to be counted: no persistent cache here.
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
