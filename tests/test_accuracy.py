@@ -21,7 +21,6 @@ def test_fedavg_synthetic_iid_reaches_80_percent():
     assert summary["test_accuracy"] >= 0.80
 
 
-@pytest.mark.slow
 def test_fedavg_digits_dirichlet_mlp_reaches_85_percent():
     cfg = make_config(dict(data="digits", num_clients=50, cohort_size=10,
                            partition="dirichlet", dirichlet_alpha=0.5, model="mlp",

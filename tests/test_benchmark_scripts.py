@@ -32,7 +32,7 @@ def _close(a, b):
     return a == pytest.approx(b, rel=1e-9)
 
 
-@pytest.mark.slow  # two workloads, compile-dominated: about 40 s on 2 cores
+@pytest.mark.slow
 def test_bench_throughput_records_agree_with_their_times():
     records = _run("bench_throughput.py", "--cohorts", "8", "--repeats", "1",
                    "--loop-clients", "3", "--chunk-size", "4", "--cores", "1",
@@ -49,7 +49,7 @@ def test_bench_throughput_records_agree_with_their_times():
         assert _close(r["engine_vs_loop"], r["loop_round_s"] / r["engine_round_s"])
 
 
-@pytest.mark.slow  # one workload on two host devices: about 20 s on 2 cores
+@pytest.mark.slow
 def test_engine_breakdown_runs_sharded_and_its_ratios_agree():
     (r,) = _run("bench_engine_breakdown.py", "--cohort", "8", "--repeats", "1",
                 "--devices", "0", devices=2)
@@ -79,7 +79,7 @@ def test_bench_throughput_rejects_more_cores_than_it_may_use():
     assert "--cores=" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.slow  # 25-40 s on 2 busy cores (2026-11-29)
+@pytest.mark.slow
 def test_million_clients_counts_every_update_once():
     (r,) = _run("million_clients.py", "--clients", "2000", "--cohort", "500")
     assert (r["clients"], r["rounds"], r["client_updates"]) == (2000, 4, 2000)

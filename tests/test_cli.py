@@ -14,7 +14,7 @@ SMALL = ["--num-clients", "300", "--cohort-size", "40", "--rounds", "3",
          "--max-examples", "16", "--eval-clients", "50", "--no-progress"]
 
 
-@pytest.mark.slow  # 25-40 s on 2 busy cores (2026-11-29)
+@pytest.mark.slow
 def test_run_writes_metrics_and_summary(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", *SMALL, "--output", str(out)]) == 0
@@ -33,7 +33,7 @@ def test_run_writes_metrics_and_summary(tmp_path, capsys):
     assert "final test accuracy" in printed
 
 
-@pytest.mark.slow  # 25-40 s on 2 busy cores (2026-11-29)
+@pytest.mark.slow
 def test_toml_config_and_flag_override(tmp_path):
     cfg_file = tmp_path / "exp.toml"
     cfg_file.write_text('[data]\ndata = "label_skew"\nnum_clients = 300\nmax_examples = 16\n'

@@ -99,6 +99,7 @@ def _rows(path):
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_target_epsilon_run_fixed_size(tmp_path, capsys):
     cfg = make_config({**SMALL, **DP, "target_epsilon": 4.0})
     summary = run_experiment(cfg, output_dir=str(tmp_path), progress=False)

@@ -26,7 +26,7 @@ def test_same_client_same_data_and_padding_clients_are_empty(gen):
     assert np.all(counts[:2] >= pop.min_examples) and np.all(counts <= pop.max_examples)
 
 
-@pytest.mark.slow  # 25-40 s on 2 busy cores (2026-11-29)
+@pytest.mark.slow
 def test_label_skew_grows_as_alpha_shrinks(gen):
     def mean_entropy(alpha):
         pop = procedural_label_skew(1000, alpha=alpha, seed=2, max_examples=64,

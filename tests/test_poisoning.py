@@ -342,6 +342,7 @@ def test_alie_runs_inside_the_round():
     assert np.isfinite(float(out.metrics["update_norm"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("streamed", [True, False])
 def test_round_logs_alignment_with_the_honest_mean_like_a_numpy_reference(streamed):
     data = random_federated(num_clients=24, max_examples=8, dim=5, num_classes=3, seed=6,

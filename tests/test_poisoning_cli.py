@@ -12,7 +12,7 @@ SMALL = ["--num-clients", "200", "--cohort-size", "40", "--rounds", "2",
          "--max-examples", "16", "--eval-clients", "50", "--no-progress"]
 
 
-@pytest.mark.slow  # 25-40 s on 2 busy cores (2026-11-29)
+@pytest.mark.slow
 def test_backdoor_run_logs_backdoor_success_per_evaluation(tmp_path):
     out = tmp_path / "run"
     assert main(["run", *SMALL, "--attack", "backdoor", "--malicious-fraction", "0.1",
@@ -27,6 +27,7 @@ def test_backdoor_run_logs_backdoor_success_per_evaluation(tmp_path):
     assert summary["backdoor_success"] == rows[-1]["backdoor_success"]
 
 
+@pytest.mark.slow
 def test_omniscient_attack_runs_through_a_robust_reducer(tmp_path):
     out = tmp_path / "run"
     assert main(["run", *SMALL, "--attack", "alie", "--num-malicious", "30",

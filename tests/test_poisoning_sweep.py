@@ -31,7 +31,7 @@ def _csv_value(field, text):
     return float(text)
 
 
-@pytest.mark.slow  # six tiny runs, compile-dominated: 24-55 s on 2 shared cores
+@pytest.mark.slow
 def test_sweep_writes_one_row_per_cell_and_the_mean_takes_the_backdoor(tmp_path):
     script = _load_script()
     fractions, attacks, defences = [0.0, 0.05], ["model_replacement", "sign_flip"], \

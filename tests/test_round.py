@@ -60,6 +60,7 @@ def test_round_equals_python_loop(name, chunk_size):
         assert int(out.metrics["num_clients"]) == 7
 
 
+@pytest.mark.slow
 def test_fedsgd_delta_is_minus_the_gradient():
     data = random_federated(num_clients=5, max_examples=6, min_count=1, seed=8)
     model = make_model("mlp", (5,), 3, hidden=(4,))
@@ -206,6 +207,7 @@ def test_map_cohort_chunking_matches_vmap():
     chex.assert_trees_all_close(full.weight, chunked.weight)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make_transform", [
     lambda: weighted_mean(),
     lambda: chain(clip_per_client(0.05), sum_updates(), dp_mean_normalize(7.0)),
