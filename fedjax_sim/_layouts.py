@@ -162,5 +162,4 @@ def _im2col_conv(x, w, geometry: _ConvGeometry):
                                                                   geometry.strides))
                  + (x.shape[-1],))
         columns.append(lax.slice(x, start, limit, (1, *geometry.strides, 1)))
-    patches = jnp.concatenate(columns, axis=-1) if len(columns) > 1 else columns[0]
-    return _dense_matmul(patches, w.reshape(-1, w.shape[-1]))
+    return _dense_matmul(jnp.concatenate(columns, axis=-1), w.reshape(-1, w.shape[-1]))

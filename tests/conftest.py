@@ -4,13 +4,18 @@ import os
 import shutil
 import tempfile
 
+
+def xla_flags(*flags):
+    """The inherited ``XLA_FLAGS`` (the suite's optimisation level) plus ``flags``."""
+    return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite checks numbers, not speed: XLA's backend (LLVM) optimisation level changes how
 # fast compiled code runs, not what it computes, and at 0 the many small test programs
 # compile about a fifth faster. Subprocesses (CLI, scripts, notebook kernels) inherit it.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    os.environ["XLA_FLAGS"] = xla_flags("--xla_backend_optimization_level=0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -75,15 +80,9 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
-def xla_flags(*flags):
-    """The inherited ``XLA_FLAGS`` (the suite's optimisation level) plus ``flags``."""
-    return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
-
-
-_CACHE_ENV = {
-    "JAX_COMPILATION_CACHE_DIR": None,  # set in pytest_configure
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+_CACHE_SETTINGS = {  # JAX config options; each is also read from its upper-case env var
+    "jax_persistent_cache_min_compile_time_secs": 0,
+    "jax_persistent_cache_min_entry_size_bytes": -1,
 }
 
 
@@ -106,16 +105,14 @@ def pytest_configure(config):
         return
     path = tempfile.mkdtemp(prefix="fedjax_sim_test_xla_cache_")
     config._fedjax_sim_cache_dir = path
-    for name, value in _CACHE_ENV.items():
-        os.environ[name] = path if value is None else value
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    for name, value in {"jax_compilation_cache_dir": path, **_CACHE_SETTINGS}.items():
+        os.environ[name.upper()] = str(value)  # for the workers and subprocesses
+        jax.config.update(name, value)  # this process has read its env vars already
 
 
 def pytest_unconfigure(config):
     path = getattr(config, "_fedjax_sim_cache_dir", None)
     if path is not None:
         shutil.rmtree(path, ignore_errors=True)
-        for name in _CACHE_ENV:
-            os.environ.pop(name, None)
+        for name in ("jax_compilation_cache_dir", *_CACHE_SETTINGS):
+            os.environ.pop(name.upper(), None)

@@ -47,7 +47,6 @@ def test_dense_layout_trick_changes_no_derivative(batch, hidden):
           jax.vmap(jax.grad(loss(plain)))(jax.tree.map(lambda a: a[None], params)))
 
 
-
 CONV_CASES = [
     # (batch, spatial in, channels in/out, window, strides, padding, kernel dilation)
     ((10,), (8, 8), (1, 4), (3, 3), (1, 1), "SAME", (1, 1)),
