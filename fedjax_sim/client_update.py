@@ -4,7 +4,8 @@ A client receives the global params, its padded examples with a mask, and its ow
 key (derived from the round key and its client id, never shared). It runs
 ``local_epochs`` passes of mini-batch training with a local optax optimiser, reshuffling
 its *real* examples at every epoch, and returns the model delta, an aggregation weight and
-metrics.
+metrics. Client programs (:mod:`fedjax_sim.algorithms`) build on it: FedAvg's client
+uploads the delta; SCAFFOLD's adds a control-variate correction to every gradient.
 
 Fixed shapes, ragged clients: every client runs ``local_epochs * ceil(N / batch_size)``
 scan steps, where N is the padded size. A client with ``n`` real examples does useful work
@@ -34,23 +35,20 @@ from fedjax_sim.models import Model
 PyTree = Any
 
 
-class ClientOutput(NamedTuple):
-    """What one client sends back (and what the simulator logs about it).
+class LocalUpdate(NamedTuple):
+    """The result of one client's local training.
 
     Attributes:
       delta: params after local training minus the params received.
       weight: float32 aggregation weight (example count, or 1; 0 for a client with no data).
       metrics: float32 scalars: ``train_loss``, ``train_accuracy`` (means over all
-        examples seen in local training, before each step), ``num_examples``, ``num_steps``.
-      finite: bool, whether every entry of ``delta`` is finite.
-      client_state: the client's new persistent state (``()`` for stateless algorithms).
+        examples seen in local training, before each step), ``num_examples``, ``num_steps``
+        (the local steps that saw at least one real example).
     """
 
     delta: PyTree
     weight: jax.Array
     metrics: dict[str, jax.Array]
-    finite: jax.Array
-    client_state: PyTree = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,11 +79,6 @@ class ClientConfig:
             check_int("batch_size", self.batch_size, min_value=1)
         check_float("prox_mu", self.prox_mu, min_value=0.0)
         check_choice("weighting", self.weighting, ("examples", "uniform"))
-
-
-def _tree_finite(tree: PyTree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 PACKED_SORT_MAX_EXAMPLES = 256
@@ -120,26 +113,23 @@ def epoch_order(key: jax.Array, mask: jax.Array, epoch: int | jax.Array = 0) -> 
     return (jnp.sort(packed) & low).astype(jnp.int32)
 
 
-ClientUpdateFn = Callable[[PyTree, ClientData, jax.Array, PyTree], ClientOutput]
+LocalUpdateFn = Callable[..., LocalUpdate]
 
 
-def make_client_update(model: Model, config: ClientConfig, max_examples: int
-                       ) -> ClientUpdateFn:
-    """Returns ``client_update(params, data, key, client_state) -> ClientOutput`` for one client.
+def make_local_update(model: Model, config: ClientConfig) -> LocalUpdateFn:
+    """Returns ``local_update(params, data, key, correction=None) -> LocalUpdate``.
 
     Args:
       model: the model (its ``per_example_metrics`` defines the loss).
       config: local training configuration.
-      max_examples: padded number of examples per client (static).
 
     Returns:
-      A pure function of one client; ``data`` fields have no cohort axis.
+      A pure function of one client; ``data`` fields have no cohort axis (the padded
+      size is read from their static shape). ``correction``, when given, is a
+      params-shaped pytree added to every local gradient (SCAFFOLD's ``c - c_i``).
     """
-    check_int("max_examples", max_examples, min_value=1)
-    batch = max_examples if config.batch_size is None else min(config.batch_size,
-                                                               max_examples)
-    steps_per_epoch = math.ceil(max_examples / batch)
-    padded = steps_per_epoch * batch
+    if not isinstance(config, ClientConfig):
+        fail("client", type(config).__name__, "must be a ClientConfig")
     optimizer = config.optimizer
 
     def batch_loss(params, global_params, x, y, m):
@@ -157,7 +147,12 @@ def make_client_update(model: Model, config: ClientConfig, max_examples: int
 
     grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
 
-    def client_update(params, data: ClientData, key, client_state=()):
+    def local_update(params, data: ClientData, key, correction: PyTree | None = None):
+        max_examples = data.mask.shape[0]
+        batch = max_examples if config.batch_size is None else min(config.batch_size,
+                                                                   max_examples)
+        steps_per_epoch = math.ceil(max_examples / batch)
+        padded = steps_per_epoch * batch
         global_params = params
         valid = jnp.arange(padded) < max_examples  # slots past max_examples: padding
 
@@ -173,6 +168,8 @@ def make_client_update(model: Model, config: ClientConfig, max_examples: int
             xb, yb, mb = (jax.lax.dynamic_slice_in_dim(a, t * batch, batch)
                           for a in (x, y, m))
             (_, batch_stats), g = grad_fn(p, global_params, xb, yb, mb)
+            if correction is not None:
+                g = jax.tree.map(lambda a, c: a + c.astype(a.dtype), g, correction)
             updates, new_opt_state = optimizer.update(g, opt_state, p)
             new_p = optax.apply_updates(p, updates)
             active = batch_stats[2] > 0
@@ -209,7 +206,6 @@ def make_client_update(model: Model, config: ClientConfig, max_examples: int
         weight = count if config.weighting == "examples" else (count > 0).astype(jnp.float32)
         metrics = {"train_loss": stats[0] / seen, "train_accuracy": stats[1] / seen,
                    "num_examples": count, "num_steps": stats[3]}
-        return ClientOutput(delta=delta, weight=weight, metrics=metrics,
-                            finite=_tree_finite(delta), client_state=client_state)
+        return LocalUpdate(delta=delta, weight=weight, metrics=metrics)
 
-    return client_update
+    return local_update

@@ -13,30 +13,66 @@
    multi-host ``jax.distributed`` job.
 
 The stacked outputs keep a leading cohort axis (sharded over ``clients`` when a mesh is
-given); the server transforms reduce it.
+given); the server chain reduces it. :func:`map_reduce_cohort` instead reduces each
+chunk as it goes (for chains that stream), so the stacked uploads never exist.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from fedjax_sim.client_update import ClientOutput
+from fedjax_sim._validation import check_int, fail
 from fedjax_sim.data.federated import Population
-from fedjax_sim.server.base import CohortUpdates
+from fedjax_sim.server.base import CohortUpdates, zero_masked
 
 PyTree = Any
 CLIENTS_AXIS = "clients"
+
+
+class ClientOutput(NamedTuple):
+    """The engine's record of one client (leaves ``[C, ...]`` once mapped over a cohort).
+
+    Attributes:
+      upload: what the client's program sends (``()`` once a streaming round reduced it).
+      weight: float32 aggregation weight.
+      metrics: float32 scalars from the program, plus ``update_norm`` (the upload's L2
+        norm, simulator ground truth).
+      finite: bool, every entry of the upload is finite (a non-finite upload is never
+        aggregated).
+      client_state: the client's new persistent state (``()`` when stateless).
+    """
+
+    upload: PyTree
+    weight: jax.Array
+    metrics: dict[str, jax.Array]
+    finite: jax.Array
+    client_state: PyTree = ()
 
 
 def client_mesh(devices: Any = None) -> Mesh:
     """A 1-D mesh over ``devices`` (default: all devices of all processes) named ``clients``."""
     devices = jax.devices() if devices is None else devices
     return Mesh(np.asarray(devices).reshape(-1), (CLIENTS_AXIS,))
+
+
+def mesh_for(num_devices: int | None = None) -> Mesh | None:
+    """The round's mesh over the first ``num_devices`` devices (None or 0: every device).
+
+    The one home of device selection (the CLI, the scripts and the notebooks call it):
+    one device gives None, an unsharded round.
+    """
+    devices = jax.devices()
+    if num_devices:
+        check_int("num_devices", num_devices, min_value=1)
+        if num_devices > len(devices):
+            fail("num_devices", num_devices, f"only {len(devices)} devices are available")
+        devices = devices[:num_devices]
+    return None if len(devices) == 1 else client_mesh(devices)
 
 
 def mesh_size(mesh: Mesh | None) -> int:
@@ -66,14 +102,15 @@ def _one_client_data(population: Population, client_id: jax.Array):
     return jax.tree.map(lambda a: a[0], batched)
 
 
-def map_cohort(client_fn: Callable[..., ClientOutput], params: PyTree, population: Population,
+def map_cohort(client_fn: Callable[..., PyTree], message: PyTree, population: Population,
                client_ids: jax.Array, client_keys: jax.Array, client_states: PyTree, *,
-               chunk_size: int, mesh: Mesh | None = None) -> ClientOutput:
-    """Applies ``client_fn(params, data, key, state)`` to every client of the cohort.
+               chunk_size: int, mesh: Mesh | None = None) -> PyTree:
+    """Applies ``client_fn(message, data, key, state)`` to every client of the cohort.
 
     Args:
-      client_fn: the one-client update (no cohort axis anywhere in its arguments).
-      params: global params, broadcast to every client.
+      client_fn: the one-client function (no cohort axis anywhere in its arguments).
+      message: what the server broadcasts (e.g. the global params), the same for every
+        client.
       population: anything with ``cohort_data(ids)``; a pytree (replicated over devices).
       client_ids: ``[C]`` int32 ids, ``-1`` for padding clients (they see no examples).
       client_keys: ``[C]`` PRNG keys, one per client.
@@ -82,11 +119,11 @@ def map_cohort(client_fn: Callable[..., ClientOutput], params: PyTree, populatio
       mesh: optional mesh with a ``clients`` axis; C must be a multiple of its size.
 
     Returns:
-      ClientOutput whose leaves have a leading ``[C]`` axis.
+      ``client_fn``'s output with a leading ``[C]`` axis on every leaf.
     """
 
     if mesh is None:
-        return _map_local(client_fn, chunk_size, params, population, client_ids,
+        return _map_local(client_fn, chunk_size, message, population, client_ids,
                           client_keys, client_states)
     replicated = PartitionSpec()
     split = PartitionSpec(CLIENTS_AXIS)
@@ -96,16 +133,16 @@ def map_cohort(client_fn: Callable[..., ClientOutput], params: PyTree, populatio
     return jax.shard_map(
         lambda *args: _map_local(client_fn, chunk_size, *args), mesh=mesh,
         in_specs=(replicated, replicated, split, split, split),
-        out_specs=split, check_vma=False)(params, population, client_ids, client_keys,
+        out_specs=split, check_vma=False)(message, population, client_ids, client_keys,
                                           client_states)
 
 
-def _map_local(client_fn, chunk_size, params, population, ids, keys, states):
+def _map_local(client_fn, chunk_size, message, population, ids, keys, states):
     """Maps ``client_fn`` over this device's clients, ``chunk_size`` at a time."""
 
     def one(args):
         cid, key, state = args
-        return client_fn(params, _one_client_data(population, cid), key, state)
+        return client_fn(message, _one_client_data(population, cid), key, state)
 
     if chunk_size >= ids.shape[0]:
         return jax.vmap(lambda *a: one(a))(ids, keys, states)
@@ -113,24 +150,23 @@ def _map_local(client_fn, chunk_size, params, population, ids, keys, states):
 
 
 def map_reduce_cohort(client_fn: Callable[..., ClientOutput],
-                      partial_fn: Callable[[CohortUpdates, jax.Array], PyTree], params: PyTree,
+                      partial_fn: Callable[[CohortUpdates], PyTree], message: PyTree,
                       population: Population, client_ids: jax.Array, client_keys: jax.Array,
                       client_mask: jax.Array, client_states: PyTree, *, chunk_size: int,
                       mesh: Mesh | None = None) -> tuple[PyTree, ClientOutput]:
-    """Like :func:`map_cohort`, but reduces the deltas chunk by chunk as it goes.
+    """Like :func:`map_cohort`, but reduces the uploads chunk by chunk as it goes.
 
-    Each chunk's deltas are turned into a :class:`CohortUpdates` (clients with
-    ``client_mask`` False or a non-finite delta get mask False, weight 0 and a zero
-    delta) and passed, with the chunk's client ids, to ``partial_fn(chunk, ids)``; the
-    contributions are summed over chunks and devices. Peak memory holds one chunk of
-    deltas, never the cohort's.
+    Each chunk's uploads become a :class:`CohortUpdates` (:func:`cohort_updates`: a
+    client with ``client_mask`` False or a non-finite upload gets mask False, weight 0 and
+    a zero upload) passed to ``partial_fn(chunk)``; the contributions are summed over
+    chunks and devices. Peak memory holds one chunk of uploads, never the cohort's.
 
     Returns:
-      ``(summed contribution, ClientOutput)`` where the ClientOutput has ``delta=()``
+      ``(summed contribution, ClientOutput)`` where the ClientOutput has ``upload=()``
       and ``[C]``-leading weights, metrics, finite flags and client states.
     """
     if mesh is None:
-        return _map_reduce_local(client_fn, partial_fn, chunk_size, None, params,
+        return _map_reduce_local(client_fn, partial_fn, chunk_size, None, message,
                                  population, client_ids, client_keys, client_mask,
                                  client_states)
     replicated = PartitionSpec()
@@ -140,21 +176,26 @@ def map_reduce_cohort(client_fn: Callable[..., ClientOutput],
                                         *args),
         mesh=mesh, in_specs=(replicated, replicated, split, split, split, split),
         out_specs=(replicated, split), check_vma=False)(
-            params, population, client_ids, client_keys, client_mask, client_states)
+            message, population, client_ids, client_keys, client_mask, client_states)
 
 
-def _map_reduce_local(client_fn, partial_fn, chunk_size, axis_name, params, population, ids,
-                      keys, mask, states):
+def cohort_updates(out: ClientOutput, mask: jax.Array, client_ids: jax.Array
+                   ) -> CohortUpdates:
+    """The uploads the server chain sees: clients outside ``mask`` or with a non-finite
+    upload are masked, with weight 0 and a zero upload (never averaged in)."""
+    ok = mask & out.finite
+    return zero_masked(CohortUpdates(out.upload, out.weight.astype(jnp.float32), ok,
+                                     client_ids))
+
+
+def _map_reduce_local(client_fn, partial_fn, chunk_size, axis_name, message, population,
+                      ids, keys, mask, states):
     def one(cid, key, state):
-        return client_fn(params, _one_client_data(population, cid), key, state)
+        return client_fn(message, _one_client_data(population, cid), key, state)
 
     def chunk_contribution(cid, key, m, state):
         out = jax.vmap(one)(cid, key, state)
-        ok = m & out.finite
-        cohort = CohortUpdates(updates=zero_clients(ok, out.delta),
-                               weights=jnp.where(ok, out.weight, 0.0).astype(jnp.float32),
-                               mask=ok)
-        return partial_fn(cohort, cid), out._replace(delta=())
+        return partial_fn(cohort_updates(out, m, cid)), out._replace(upload=())
 
     n = ids.shape[0]
     chunk = min(chunk_size, n)
@@ -178,13 +219,6 @@ def _map_reduce_local(client_fn, partial_fn, chunk_size, axis_name, params, popu
     if axis_name is not None:
         total = jax.lax.psum(total, axis_name)
     return total, smalls
-
-
-def zero_clients(mask: jax.Array, tree: PyTree) -> PyTree:
-    """Zeroes the entries of clients with ``mask`` False (NaN-safe: a select, not a product)."""
-    return jax.tree.map(
-        lambda u: jnp.where(mask.reshape(mask.shape + (1,) * (u.ndim - 1)), u,
-                            jnp.zeros((), u.dtype)), tree)
 
 
 def pad_cohort(ids: jax.Array, mask: jax.Array, multiple: int) -> tuple[jax.Array, jax.Array]:

@@ -2,48 +2,60 @@
 
 Data flow (every step is inside the jitted function; nothing goes back to the host)::
 
-    round_key ─┬─ sample ──▶ cohort ids [M] + mask          (fedjax_sim.sampling)
-               └─ fold_in(client id) ──▶ one key per client (never shared)
-    global params ──▶ map_cohort(client_update)              (fedjax_sim.cohort)
-                      each client gathers/generates its own data, trains locally
-    ──▶ ClientOutput: delta [M, ...], weight [M], metrics [M], finite [M]
-    ──▶ non-finite updates are dropped from the mask and counted (never averaged in)
-    ──▶ server transform chain (clip → reduce → noise ...) ──▶ aggregate delta
-        (sum-type chains are reduced chunk by chunk inside the cohort map, so the
-        cohort's stacked deltas never exist; robust reducers get them all at once)
-    ──▶ server optimiser (plain optax) on the pseudo-gradient -aggregate ──▶ new params
+    round_key ─┬─ sample ──▶ cohort ids [M] + mask              (fedjax_sim.sampling)
+               └─ fold_in(client id) ──▶ one key per client     (never shared)
+    server program: broadcast(params, state) ──▶ message        (fedjax_sim.algorithms)
+    client program, ONE client, vmapped in chunks                (fedjax_sim.cohort)
+      (message, own data, own key, own state) ──▶ upload, weight, metrics, new own state
+    ──▶ non-finite uploads are masked out and counted (never aggregated)
+    ──▶ server chain (typed stages: client stages → reducer → aggregate stages)
+        a streaming chain runs its client stages and partial sum inside each chunk, so
+        the cohort's stacked uploads never exist; other chains get them all at once
+    ──▶ observers read the same uploads and the aggregate (metrics only)
+    ──▶ server program: apply(params, state, aggregate, RoundInfo) ──▶ new params, state
+    ──▶ the sampled clients' new states are written back by id
 
-The round compiles once per configuration: every shape is static (the cohort is padded
-to the sampler's capacity, rounded up to a multiple of the device count), and the round
-index lives in the state as an array.
+The round knows no algorithm, no attack and no defence: an algorithm is a client program
+plus a server program (:class:`~fedjax_sim.algorithms.Algorithm`), an adversary wraps a
+client program, a defence is a stage of the chain. It compiles once per configuration:
+every shape is static (the cohort is padded to the sampler's capacity, rounded up to a
+multiple of the device count), and the round index lives in the state as an array.
 
-Per-client persistent state (e.g. SCAFFOLD's control variates) is supported through
-``client_state_init``: a ``[num_clients, ...]`` pytree in :class:`ServerState`,
-gathered for the cohort before local training and scattered back afterwards.
+Per-client persistent state (a client program's ``init_state``, e.g. SCAFFOLD's control
+variates) lives on the device as ``[num_clients, ...]``; a round gathers the cohort's
+rows and writes back the new state of every sampled client whose upload was finite, so a
+client that was not sampled keeps its state bit for bit. A client updates its own state
+whether or not a server stage later drops its upload (a norm filter), as a real client
+would; a non-finite upload's state is not written (it would carry NaN into later rounds). Before allocating it, :func:`make_round` estimates
+its size and refuses, in one line naming the bytes, state that would not fit.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+import math
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
+import numpy as np
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fedjax_sim._validation import check_int
-from fedjax_sim.algorithms import FederatedAlgorithm
-from fedjax_sim.client_update import ClientUpdateFn, make_client_update
-from fedjax_sim.cohort import (default_chunk_size, map_cohort, map_reduce_cohort, mesh_size,
-                               pad_cohort, zero_clients)
+from fedjax_sim._host import device_memory_bytes, format_bytes
+from fedjax_sim._trees import all_finite, l2_norm
+from fedjax_sim._validation import check_int, fail
+from fedjax_sim.algorithms.base import Algorithm, ClientProgram, RoundInfo
+from fedjax_sim.cohort import (ClientOutput, cohort_updates, default_chunk_size, map_cohort,
+                               map_reduce_cohort, mesh_size, pad_cohort)
 from fedjax_sim.data.federated import Population
-from fedjax_sim.models import Model
+from fedjax_sim.observers import Observer
 from fedjax_sim.sampling import Sampler
-from fedjax_sim.server.base import CohortUpdates, alignment, weighted_sum
 
 PyTree = Any
+
+CLIENT_STATE_MEMORY_FRACTION = 0.5
+"""Per-client state may take at most this fraction of one device's memory."""
 
 
 @struct.dataclass
@@ -52,16 +64,16 @@ class ServerState:
 
     Attributes:
       params: global model params.
-      opt_state: server optimiser state.
-      transform_state: server transform chain state (clip norms, noise keys, ...).
+      server: the server program's state (optimiser state, control variates, ...).
+      aggregator: the server chain's state (clip norms, noise keys, ...).
       client_states: per-client persistent state, leaves ``[num_clients, ...]``; ``()``
-        for stateless algorithms.
+        for stateless client programs.
       round: int32 number of completed rounds.
     """
 
     params: PyTree
-    opt_state: PyTree
-    transform_state: PyTree
+    server: PyTree
+    aggregator: PyTree
     client_states: PyTree
     round: jax.Array
 
@@ -71,17 +83,15 @@ class RoundOutput(NamedTuple):
 
     Attributes:
       metrics: scalars: ``train_loss``, ``train_accuracy`` (example-weighted over the
-        clients that were aggregated), ``num_clients`` (sampled), ``num_aggregated``,
-        ``num_examples``, ``num_nonfinite`` (dropped non-finite updates), ``overflow``
-        (Poisson draws beyond capacity), ``update_norm`` (L2 of the aggregate delta),
-        ``honest_inner_product`` and ``honest_cosine`` (of the aggregate with the
-        weighted mean of the honest aggregated clients' deltas: 1 for an undefended mean
-        without attackers; how far DP noise, a robust reducer or an attack turn the
-        step), ``num_malicious`` (adversarial clients sampled), ``honest_update_norm`` /
-        ``malicious_update_norm`` (mean per-client delta norm of each group, 0 if empty).
+        clients whose uploads were finite), ``num_clients`` (sampled), ``num_aggregated``
+        (clients whose uploads reached the reducer: after non-finite uploads and norm
+        filters are dropped), ``num_examples``, ``num_nonfinite`` (dropped non-finite
+        uploads), ``overflow`` (Poisson draws beyond capacity), ``update_norm`` (L2 of the
+        aggregate), plus every observer's metrics.
       client_ids: ``[M]`` the cohort (``-1`` padding).
-      client_metrics: per-client metrics ``[M]`` (for attack/defence analysis), including
-        ``update_norm`` (L2 of each client's delta as uploaded, attacks included).
+      client_metrics: per-client metrics ``[M]`` (for attack/defence analysis): the
+        program's metrics, ``update_norm`` (L2 of each upload as sent, simulator ground
+        truth), ``weight`` and ``finite``.
     """
 
     metrics: dict[str, jax.Array]
@@ -95,14 +105,20 @@ class FederatedRound:
 
     Use ``state = fr.init(key)`` then ``state, out = fr.step(state, population, round_key)``
     (``step`` is jitted). ``step_unjitted`` is the same function without ``jax.jit``.
+
+    Attributes:
+      streaming: True when the chain reduces chunk by chunk (no ``[C, params]`` stack).
+      why_stacked: why it does not, in words (None when it streams).
     """
 
-    init: Callable[[jax.Array], ServerState]
+    init: Callable[..., ServerState]
     step: Callable[[ServerState, Population, jax.Array], tuple[ServerState, RoundOutput]]
     step_unjitted: Callable[[ServerState, Population, jax.Array],
                             tuple[ServerState, RoundOutput]]
     cohort_capacity: int
     chunk_size: int
+    streaming: bool
+    why_stacked: str | None
 
 
 def split_round_key(round_key: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -117,79 +133,105 @@ def _weighted_client_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(weights > 0, values, 0.0) * weights) / jnp.maximum(total, 1e-12)
 
 
-def _group_mean(values: jax.Array, group: jax.Array) -> jax.Array:
-    return jnp.sum(jnp.where(group, values, 0.0)) / jnp.maximum(jnp.sum(group), 1)
+def engine_client(program: ClientProgram) -> Callable[..., ClientOutput]:
+    """The client program as the engine runs it: plus the finite flag and the upload norm.
+
+    The one place where an upload is checked for finiteness (:func:`fedjax_sim._trees.
+    all_finite`) and its norm taken for the per-client diagnostics.
+    """
+
+    def run(message, data, key, state):
+        out = program.update(message, data, key, state)
+        metrics = dict(out.metrics, update_norm=l2_norm(out.upload))
+        return ClientOutput(out.upload, jnp.asarray(out.weight, jnp.float32), metrics,
+                            all_finite(out.upload), out.state)
+
+    return run
 
 
-def _with_update_norm(client_fn: ClientUpdateFn) -> ClientUpdateFn:
-    """Adds the uploaded delta's L2 norm to the client's metrics (a detection statistic)."""
-
-    def wrapped(params, data, key, client_state=()):
-        out = client_fn(params, data, key, client_state)
-        return out._replace(metrics=dict(out.metrics, update_norm=optax.tree.norm(out.delta)))
-
-    return wrapped
+def _state_bytes(shapes: PyTree) -> int:
+    return sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize
+               for s in jax.tree.leaves(shapes))
 
 
-def make_round(model: Model, algorithm: FederatedAlgorithm, sampler: Sampler, *,
-               max_examples: int, chunk_size: int | None = None, mesh: Mesh | None = None,
-               client_update: ClientUpdateFn | None = None,
-               client_state_init: Callable[[PyTree, int], PyTree] | None = None,
-               is_malicious: Callable[[jax.Array], jax.Array] | None = None
-               ) -> FederatedRound:
-    """Assembles the round of ``algorithm`` for ``model`` and ``sampler``.
+def check_client_state_fits(one_client_state: PyTree, num_clients: int, *,
+                            budget_bytes: int | None = None) -> int:
+    """Host-side: the bytes of ``[num_clients, ...]`` per-client state; raises a one-line
+    ConfigError naming them when they exceed ``budget_bytes`` (default: half of one
+    device's memory)."""
+    one = _state_bytes(one_client_state)
+    need = one * num_clients
+    if budget_bytes is None:
+        memory = device_memory_bytes()
+        budget_bytes = None if memory is None else int(memory * CLIENT_STATE_MEMORY_FRACTION)
+    if budget_bytes is not None and need > budget_bytes:
+        fail("client_state", format_bytes(need),
+             f"per-client state for {num_clients} clients needs {need} bytes ({one} bytes a "
+             f"client) on the device, over the {format_bytes(budget_bytes)} it may use; "
+             "use fewer clients or a stateless algorithm")
+    return need
+
+
+def make_round(algorithm: Algorithm, sampler: Sampler, *, chunk_size: int | None = None,
+               mesh: Mesh | None = None, observers: Sequence[Observer] = (),
+               streaming: bool | None = None,
+               client_state_budget_bytes: int | None = None) -> FederatedRound:
+    """Assembles the round of ``algorithm`` under ``sampler``.
 
     Args:
-      model: the model.
-      algorithm: client config, server transform chain and server optimiser.
+      algorithm: the client program and the server program (with its aggregation chain).
       sampler: picks each round's cohort.
-      max_examples: padded number of examples per client of the population.
       chunk_size: clients vectorised together (memory grows with it); None picks
         :func:`~fedjax_sim.cohort.default_chunk_size` for the model's size.
       mesh: optional mesh with a ``clients`` axis to shard the cohort over devices.
-      client_update: override of the one-client function (e.g. a poisoning client that
-        switches on ``data.client_id``); default the algorithm's honest local training.
-      client_state_init: ``(params, num_clients) -> per-client state`` for stateful
-        algorithms; None for stateless ones.
-      is_malicious: pure predicate on population ids marking adversarial clients; they
-        are left out of the honest reference of ``honest_cosine``. None: all honest.
+      observers: read-only views that add metrics (e.g. poisoning diagnostics).
+      streaming: reduce chunk by chunk (True), over the stacked uploads (False), or as the
+        chain allows (None). Both compute the same aggregate; False exists to test and
+        measure that.
+      client_state_budget_bytes: the most bytes per-client state may take (default: half
+        of one device's memory).
 
     Returns:
       The :class:`FederatedRound`.
     """
-    check_int("max_examples", max_examples, min_value=1)
-    if chunk_size is None:
-        num_params = model.num_params(jax.eval_shape(model.init, jax.random.key(0)))
-        chunk_size = default_chunk_size(num_params, sampler.capacity)
-    check_int("chunk_size", chunk_size, min_value=1)
-    client_fn = _with_update_norm(
-        client_update or make_client_update(model, algorithm.client, max_examples))
-    transform = algorithm.server_transform
-    server_opt = algorithm.server_optimizer
+    if not isinstance(algorithm, Algorithm):
+        fail("algorithm", type(algorithm).__name__, "must be a fedjax_sim.Algorithm")
+    server, client = algorithm.server, algorithm.client
+    chain = server.aggregator
+    if streaming and not chain.streaming:
+        fail("streaming", True, f"the server chain does not stream: {chain.why_stacked}")
+    stream = chain.streaming if streaming is None else bool(streaming)
     devices = mesh_size(mesh)
     capacity = sampler.capacity + (-sampler.capacity) % devices
-
-    def malicious(cids: jax.Array) -> jax.Array:
-        if is_malicious is None:
-            return jnp.zeros(cids.shape, bool)
-        return is_malicious(cids) & (cids >= 0)
-
-    def honest_sum(chunk: CohortUpdates, cids: jax.Array):
-        """Weighted sum and total weight of the chunk's honest aggregated deltas."""
-        w = jnp.where(chunk.mask & ~malicious(cids), chunk.weights, 0.0)
-        return weighted_sum(chunk.updates, w), jnp.sum(w)
+    if chain.min_cohort > sampler.capacity:
+        fail("cohort_size", sampler.capacity, f"the reducer {chain.reducer.name!r} needs a "
+             f"cohort of at least {chain.min_cohort}")
+    params_shape = jax.eval_shape(server.init_params, jax.random.key(0))
+    if chunk_size is None:
+        num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(params_shape))
+        chunk_size = default_chunk_size(num_params, sampler.capacity)
+    check_int("chunk_size", chunk_size, min_value=1)
+    if client.init_state is not None:
+        check_client_state_fits(jax.eval_shape(client.init_state, params_shape),
+                                sampler.num_clients, budget_bytes=client_state_budget_bytes)
+    observers = tuple(observers)
+    client_fn = engine_client(client)
 
     # With a mesh the server state lives replicated on it, from init on: a state whose
     # sharding changed between rounds would make round 2 compile the round again.
     replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
 
-    def init(key: jax.Array) -> ServerState:
-        params = model.init(key)
-        client_states = () if client_state_init is None else client_state_init(
-            params, sampler.num_clients)
-        state = ServerState(params=params, opt_state=server_opt.init(params),
-                            transform_state=transform.init(params),
-                            client_states=client_states, round=jnp.zeros((), jnp.int32))
+    def init(key: jax.Array, params: PyTree | None = None) -> ServerState:
+        params = server.init_params(key) if params is None else params
+        upload = jax.tree.map(jnp.zeros_like, client.upload_like(params))
+        client_states = ()
+        if client.init_state is not None:
+            one = client.init_state(params)
+            client_states = jax.tree.map(
+                lambda x: jnp.repeat(jnp.asarray(x)[None], sampler.num_clients, axis=0), one)
+        state = ServerState(params=params, server=server.init(params),
+                            aggregator=chain.init(upload), client_states=client_states,
+                            round=jnp.zeros((), jnp.int32))
         return state if replicated is None else jax.device_put(state, replicated)
 
     def step(state: ServerState, population: Population, round_key: jax.Array):
@@ -198,60 +240,49 @@ def make_round(model: Model, algorithm: FederatedAlgorithm, sampler: Sampler, *,
         ids, mask = pad_cohort(cohort.ids, cohort.mask, devices)
         ids = jnp.where(mask, ids, -1)
         keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(ids)
-        safe_ids = jnp.where(mask, ids, 0)
-        states = jax.tree.map(lambda s: s[safe_ids], state.client_states)
+        states = jax.tree.map(lambda s: s[jnp.where(mask, ids, 0)], state.client_states)
+        message = server.broadcast(state.params, state.server)
 
-        if transform.streaming is not None:  # Reduce chunk by chunk: O(chunk) memory.
-            (total, honest_total), out = map_reduce_cohort(
-                client_fn, lambda chunk, cids: (
-                    transform.streaming.partial(chunk, state.transform_state),
-                    honest_sum(chunk, cids)), state.params, population, ids, keys,
-                mask, states, chunk_size=chunk_size, mesh=mesh)
-            aggregate, transform_state = transform.streaming.finalize(
-                total, state.transform_state)
-            ok = mask & out.finite
-        else:  # Robust reducers need every update at once: [C, ...] stacked deltas.
-            out = map_cohort(client_fn, state.params, population, ids, keys, states,
+        if stream:  # Reduce chunk by chunk: O(chunk) memory.
+            def partial(chunk):
+                return (chain.partial(chunk, state.aggregator),
+                        tuple(o.partial(chunk) for o in observers))
+
+            (total, observed), out = map_reduce_cohort(
+                client_fn, partial, message, population, ids, keys, mask, states,
+                chunk_size=chunk_size, mesh=mesh)
+            aggregate, aggregator, counts = chain.finalize(total, state.aggregator)
+        else:  # Non-sum reducers need every upload at once: [C, ...] stacked uploads.
+            out = map_cohort(client_fn, message, population, ids, keys, states,
                              chunk_size=chunk_size, mesh=mesh)
-            ok = mask & out.finite
-            weights = jnp.where(ok, out.weight, 0.0).astype(jnp.float32)
-            cohort_updates = CohortUpdates(updates=zero_clients(ok, out.delta),
-                                           weights=weights, mask=ok)
-            honest_total = honest_sum(cohort_updates, ids)
-            aggregate, transform_state = transform.update(cohort_updates,
-                                                          state.transform_state)
-        pseudo_grad = jax.tree.map(jnp.negative, aggregate)
-        updates, opt_state = server_opt.update(pseudo_grad, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+            uploads = cohort_updates(out, mask, ids)
+            observed = tuple(o.partial(uploads) for o in observers)
+            aggregate, aggregator, counts = chain.reduce(uploads, state.aggregator)
+        ok = mask & out.finite
+        params, server_state = server.apply(
+            state.params, state.server, aggregate,
+            RoundInfo(counts.aggregated, counts.contributing, state.round,
+                      sampler.num_clients))
 
         scatter_ids = jnp.where(ok, ids, sampler.num_clients)  # out of range -> dropped
         client_states = jax.tree.map(
             lambda s, new: s.at[scatter_ids].set(new, mode="drop"),
             state.client_states, out.client_state)
 
-        examples = jnp.where(ok, out.metrics["num_examples"], 0.0)
-        bad = malicious(ids) & mask
-        honest_sum_delta, honest_weight = honest_total
-        honest_mean = jax.tree.map(lambda x: x / jnp.maximum(honest_weight, 1e-12),
-                                   honest_sum_delta)
-        aligned = alignment(aggregate, honest_mean)
-        metrics = {
-            "train_loss": _weighted_client_mean(out.metrics["train_loss"], examples),
-            "train_accuracy": _weighted_client_mean(out.metrics["train_accuracy"], examples),
+        examples = jnp.where(ok, out.metrics.get("num_examples", out.weight), 0.0)
+        metrics = {name: _weighted_client_mean(out.metrics[name], examples)
+                   for name in ("train_loss", "train_accuracy") if name in out.metrics}
+        metrics.update({
             "num_clients": jnp.sum(mask).astype(jnp.int32),
-            "num_aggregated": jnp.sum(ok).astype(jnp.int32),
+            "num_aggregated": counts.aggregated,
             "num_examples": jnp.sum(examples),
             "num_nonfinite": jnp.sum(mask & ~out.finite).astype(jnp.int32),
             "overflow": cohort.overflow,
-            "update_norm": optax.tree.norm(aggregate),
-            "honest_inner_product": aligned["inner_product"],
-            "honest_cosine": aligned["cosine"],
-            "num_malicious": jnp.sum(bad).astype(jnp.int32),
-            "honest_update_norm": _group_mean(out.metrics["update_norm"], mask & ~bad),
-            "malicious_update_norm": _group_mean(out.metrics["update_norm"], bad),
-        }
-        new_state = ServerState(params=params, opt_state=opt_state,
-                                transform_state=transform_state,
+            "update_norm": l2_norm(aggregate),
+        })
+        for observer, total in zip(observers, observed):
+            metrics.update(observer.finalize(total, aggregate))
+        new_state = ServerState(params=params, server=server_state, aggregator=aggregator,
                                 client_states=client_states, round=state.round + 1)
         if replicated is not None:  # as init placed it: round 2 reuses round 1's program
             new_state = jax.lax.with_sharding_constraint(new_state, replicated)
@@ -259,4 +290,6 @@ def make_round(model: Model, algorithm: FederatedAlgorithm, sampler: Sampler, *,
         return new_state, RoundOutput(metrics, ids, client_metrics)
 
     return FederatedRound(init=init, step=jax.jit(step), step_unjitted=step,
-                          cohort_capacity=capacity, chunk_size=chunk_size)
+                          cohort_capacity=capacity, chunk_size=chunk_size,
+                          streaming=stream, why_stacked=None if stream else (
+                              chain.why_stacked or "streaming=False was asked for"))

@@ -38,6 +38,7 @@ from flax import struct
 
 from fedjax_sim._threefry import threefry2x32
 from fedjax_sim._validation import check_float, check_int, fail
+from fedjax_sim.privacy.schedule import SamplingSpec
 
 
 @struct.dataclass
@@ -109,10 +110,9 @@ class FixedSizeSampler:
         return self.cohort_size
 
     @property
-    def privacy_sampling(self) -> dict:
-        """What a DP accountant needs: sampling without replacement, m of n."""
-        return {"sampling": "fixed", "cohort_size": self.cohort_size,
-                "num_clients": self.num_clients}
+    def spec(self) -> SamplingSpec:
+        """What a DP ledger needs: sampling without replacement, m of n."""
+        return SamplingSpec.fixed(self.cohort_size, self.num_clients)
 
     def sample(self, key: jax.Array, round_index: jax.Array | None = None) -> Cohort:
         del round_index
@@ -121,14 +121,42 @@ class FixedSizeSampler:
                       overflow=jnp.zeros((), jnp.int32))
 
 
-def default_poisson_capacity(num_clients: int, rate: float, tail: float = 1e-10) -> int:
-    """Smallest capacity M with ``P[Binomial(num_clients, rate) > M] <= tail``."""
+def poisson_capacity(num_clients: int, rate: float, tail: float = 1e-10) -> int:
+    """Smallest capacity ``M`` with ``P[Binomial(num_clients, rate) > M] <= tail``.
+
+    The one home of the Poisson cohort's capacity (the default sampler and DP runs, which
+    ask for a tail far below what ``scipy.stats.binom.isf`` resolves). ``isf`` is only the
+    starting point of a doubling-and-bisection search on the survival function, so the
+    result is exact.
+    """
     from scipy import stats  # scipy is a dependency of jax itself.
 
-    if rate >= 1.0:
-        return num_clients
-    m = int(stats.binom.isf(tail, num_clients, rate)) + 1
-    return max(1, min(num_clients, m))
+    n = check_int("num_clients", num_clients, min_value=1)
+    q = check_float("rate", rate, min_value=0.0, max_value=1.0, min_exclusive=True)
+    tail = check_float("tail", tail, min_value=0.0, max_value=1.0, min_exclusive=True)
+    if q >= 1.0:
+        return n
+    lo = int(stats.binom.isf(max(tail, 1e-15), n, q))
+    lo = max(0, min(lo, n))
+    if stats.binom.sf(lo, n, q) <= tail:
+        while lo > 0 and stats.binom.sf(lo - 1, n, q) <= tail:
+            lo -= 1
+        return max(1, lo)
+    step = max(1, int(math.sqrt(n * q * (1 - q))))
+    hi = lo + step
+    while hi < n and stats.binom.sf(hi, n, q) > tail:
+        lo, hi, step = hi, hi + 2 * step, 2 * step
+    hi = min(hi, n)
+    while hi - lo > 1:  # invariant: sf(lo) > tail >= sf(hi)
+        mid = (lo + hi) // 2
+        if stats.binom.sf(mid, n, q) > tail:
+            lo = mid
+        else:
+            hi = mid
+    return max(1, hi)
+
+
+default_poisson_capacity = poisson_capacity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +178,7 @@ class PoissonSampler:
         check_float("rate", self.rate, min_value=0.0, max_value=1.0, min_exclusive=True)
         if self.max_cohort is None:
             object.__setattr__(self, "max_cohort",
-                               default_poisson_capacity(self.num_clients, self.rate))
+                               poisson_capacity(self.num_clients, self.rate))
         check_int("max_cohort", self.max_cohort, min_value=1, max_value=self.num_clients)
 
     @property
@@ -158,9 +186,9 @@ class PoissonSampler:
         return int(self.max_cohort)
 
     @property
-    def privacy_sampling(self) -> dict:
-        """What a DP accountant needs: Poisson sampling with rate q."""
-        return {"sampling": "poisson", "rate": self.rate, "num_clients": self.num_clients}
+    def spec(self) -> SamplingSpec:
+        """What a DP ledger needs: Poisson sampling with rate q (of n clients)."""
+        return SamplingSpec.poisson(self.rate, population_size=self.num_clients)
 
     def sample(self, key: jax.Array, round_index: jax.Array | None = None) -> Cohort:
         del round_index
@@ -208,10 +236,9 @@ class CyclicSampler:
         return self.cohort_size
 
     @property
-    def privacy_sampling(self) -> dict:
+    def spec(self) -> SamplingSpec:
         """Deterministic participation: no amplification by sampling."""
-        return {"sampling": "cyclic", "cohort_size": self.cohort_size,
-                "num_clients": self.num_clients}
+        return SamplingSpec.cyclic(self.cohort_size, self.num_clients)
 
     def sample(self, key: jax.Array, round_index: jax.Array | None = None) -> Cohort:
         del key

@@ -6,8 +6,8 @@ digits MLP 0.90, label-skew population 0.75 with Bayes accuracy 0.76.
 
 import pytest
 
-from fedjax_sim.config import make_config
-from fedjax_sim.runner import run_experiment
+from fedjax_sim.experiment.config import make_config
+from fedjax_sim.experiment.runner import run_experiment
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from fedjax_sim.cli import main
+from fedjax_sim.experiment.cli import main
 
 
 def _run(argv, capsys):
@@ -38,7 +38,7 @@ def test_subcommands_write_metrics_and_png(argv, tmp_path, capsys):
 def test_bad_values_print_one_line_and_exit_2(capsys):
     rc, out, err = _run(["attack", "imprint", "--bins", "1"], capsys)
     assert rc == 2 and out == ""
-    assert err.strip().splitlines() == ["fedjax-sim attack: error: num_bins=1: must be >= 2"]
+    assert err.strip().splitlines() == ["fedjax-sim attack: error: bins=1: must be >= 2"]
     rc, _, err = _run(["attack", "inversion", "--noise-multiplier", "0.5"], capsys)
     assert rc == 2 and "clip_norm=None" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(SystemExit) as exc:

@@ -71,6 +71,28 @@ def test_engine_breakdown_rejects_a_cohort_the_devices_cannot_split():
     assert "--cohort=7" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def _python(code, *args, env):
+    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.split()
+
+
+def test_cpu_setup_imports_fedjax_sim_before_jax_starts_its_backends():
+    # _cpu_setup imports fedjax_sim; XLA flags set after that must still take effect.
+    env = dict(os.environ, XLA_FLAGS=xla_flags())
+    late_flags = ("import os, sys; sys.path.insert(0, sys.argv[1]); import _cpu_setup; "
+                  "os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=3'; "
+                  "import jax; print(jax.device_count())")
+    assert _python(late_flags, str(SCRIPTS), env=env) == ["3"]
+    # --devices: one XLA host device per core the process may use.
+    devices = ("import os, sys; sys.path.insert(0, sys.argv[1]); import _cpu_setup; "
+               "_cpu_setup.configure_cpu(['--devices']); import jax; "
+               "print(jax.device_count(), len(os.sched_getaffinity(0)))")
+    count, cores = _python(devices, str(SCRIPTS), env=env)
+    assert count == cores
+
+
 def test_bench_throughput_rejects_more_cores_than_it_may_use():
     proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_throughput.py"),
                            "--cores", str(os.cpu_count() + 1)],

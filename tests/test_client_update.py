@@ -6,10 +6,13 @@ import numpy as np
 import optax
 import pytest
 
+from fedjax_sim._trees import all_finite
 from fedjax_sim._validation import ConfigError
-from fedjax_sim.client_update import ClientConfig, epoch_order, make_client_update
+from fedjax_sim.algorithms import local_training_client
+from fedjax_sim.client_update import ClientConfig, epoch_order, make_local_update
 from fedjax_sim.data.federated import ClientData
 from fedjax_sim.models import make_model
+from fedjax_sim.rounds import engine_client
 
 from conftest import random_federated
 
@@ -51,22 +54,28 @@ def test_matches_numpy_sgd(epochs, batch_size, mu):
     params = model.init(jax.random.key(0))
     cfg = ClientConfig(optax.sgd(0.3), local_epochs=epochs, batch_size=batch_size,
                        prox_mu=mu)
-    update = jax.jit(make_client_update(model, cfg, data.max_examples))
+    # The client as the engine runs it: FedAvg's program (make_local_update's delta as the
+    # upload) plus the engine's finite flag and upload norm.
+    update = jax.jit(engine_client(local_training_client(model, cfg)))
     for k in range(data.num_clients):
         client = _client(data, k)
         key = jax.random.key(100 + k)
-        out = update(params, client, key)
+        out = update(params, client, key, ())
         n = int(data.counts[k])
         orders = [np.asarray(epoch_order(key, client.mask, e))[:n] for e in range(epochs)]
         x, y = data.client(k)
         dw, db, loss = numpy_local_sgd(
             np.asarray(params["Dense_0"]["kernel"]), np.asarray(params["Dense_0"]["bias"]),
             x, y, orders, lr=0.3, batch_size=batch_size or data.max_examples, mu=mu)
-        np.testing.assert_allclose(out.delta["Dense_0"]["kernel"], dw, atol=2e-5)
-        np.testing.assert_allclose(out.delta["Dense_0"]["bias"], db, atol=2e-5)
+        np.testing.assert_allclose(out.upload["Dense_0"]["kernel"], dw, atol=2e-5)
+        np.testing.assert_allclose(out.upload["Dense_0"]["bias"], db, atol=2e-5)
         np.testing.assert_allclose(out.metrics["train_loss"], loss, rtol=1e-4)
+        np.testing.assert_allclose(out.metrics["update_norm"],
+                                   np.sqrt((dw ** 2).sum() + (db ** 2).sum()), rtol=1e-4,
+                                   atol=1e-6)
         assert float(out.weight) == n
         assert bool(out.finite)
+        assert out.client_state == ()
         steps = epochs * -(-n // (batch_size or data.max_examples))
         assert float(out.metrics["num_steps"]) == steps
 
@@ -77,8 +86,8 @@ def test_padding_examples_change_nothing():
     model = make_model("mlp", (5,), 3, hidden=(8,))
     params = model.init(jax.random.key(1))
     cfg = ClientConfig(optax.adam(0.05), local_epochs=2, batch_size=3)
-    small = make_client_update(model, cfg, 7)
-    big = make_client_update(model, cfg, 13)
+    # One function: the padded size is read from the data's static shape (7, then 13).
+    small = big = make_local_update(model, cfg)
     client = _client(data, 0)
     # Random junk in the padding must not matter either.
     junk = jax.random.normal(jax.random.key(9), (6, 5)) * 1e3
@@ -103,7 +112,7 @@ def test_empty_client_returns_zero_delta_and_weight():
     cfg = ClientConfig(optax.sgd(0.1, momentum=0.9), local_epochs=2, batch_size=2)
     client = ClientData(x=data.x[0], y=data.y[0], mask=jnp.zeros(5, bool),
                         client_id=jnp.int32(0))
-    out = make_client_update(model, cfg, 5)(params, client, jax.random.key(0))
+    out = make_local_update(model, cfg)(params, client, jax.random.key(0))
     assert float(out.weight) == 0.0
     assert float(out.metrics["num_steps"]) == 0.0
     assert all(float(jnp.abs(d).max()) == 0.0 for d in jax.tree.leaves(out.delta))
@@ -113,8 +122,8 @@ def test_uniform_weighting():
     data = random_federated(num_clients=1, max_examples=5, min_count=3, seed=4)
     model = make_model("softmax", (5,), 3)
     cfg = ClientConfig(optax.sgd(0.1), weighting="uniform", batch_size=2)
-    out = make_client_update(model, cfg, 5)(model.init(jax.random.key(0)), _client(data, 0),
-                                            jax.random.key(0))
+    out = make_local_update(model, cfg)(model.init(jax.random.key(0)), _client(data, 0),
+                                        jax.random.key(0))
     assert float(out.weight) == 1.0
 
 
@@ -124,9 +133,13 @@ def test_nonfinite_update_is_flagged():
     cfg = ClientConfig(optax.sgd(1e38), batch_size=5)
     client = _client(data, 0)
     client = client.replace(x=client.x * 1e30)
-    out = make_client_update(model, cfg, 5)(model.init(jax.random.key(0)), client,
-                                            jax.random.key(0))
-    assert not bool(out.finite)
+    params = model.init(jax.random.key(0))
+    out = make_local_update(model, cfg)(params, client, jax.random.key(0))
+    assert not bool(all_finite(out.delta))
+    # The engine computes the flag (the one place uploads are checked).
+    engine = engine_client(local_training_client(model, cfg))(params, client,
+                                                              jax.random.key(0), ())
+    assert not bool(engine.finite)
 
 
 @pytest.mark.parametrize("n", [7, 256, 300])  # packed-word sort and (key, index) argsort

@@ -15,9 +15,12 @@ from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 from scipy import stats
 
 from fedjax_sim._validation import ConfigError
-from fedjax_sim.privacy import dp_ftrl_dp_event, dp_ftrl_epsilon, tree_depth
-from fedjax_sim.server.base import CohortUpdates
-from fedjax_sim.server.dp_ftrl import dp_ftrl_tree_noise, tree_levels, tree_prefix_noise
+from fedjax_sim.privacy import (DPFTRLAccountant, GaussianSumNoise, SamplingSpec,
+                                TreeAggregationNoise, dp_ftrl_dp_event, dp_ftrl_epsilon,
+                                ledger_for, tree_depth)
+from fedjax_sim.server.base import CohortUpdates, Stage, StageKind, chain
+from fedjax_sim.server.dp_ftrl import (dp_ftrl_aggregator, dp_ftrl_tree_noise, tree_levels,
+                                       tree_prefix_noise)
 
 PARAMS = {"w": jnp.zeros((3, 2), jnp.float32), "b": jnp.zeros((4,), jnp.float32)}
 
@@ -159,10 +162,18 @@ def test_ftrl_through_plain_sgd():
 def test_info_and_errors():
     tx = dp_ftrl_tree_noise(noise_multiplier=2.0, clip_norm=0.5, max_rounds=100,
                             key=jax.random.key(0), denominator=10.0)
-    assert tx.info["name"] == "dp_ftrl_tree"
-    assert tx.info["noise_multiplier"] == 2.0 and tx.info["clip_norm"] == 0.5
-    assert tx.info["max_rounds"] == 100 and tx.info["tree_levels"] == 7
-    assert tx.info["noise_stddev"] == pytest.approx(0.1)
+    assert (tx.name, tx.kind) == ("dp_ftrl_tree", StageKind.AGGREGATE)
+    assert tx.mechanism == TreeAggregationNoise(2.0, 0.5, 100, False)
+    assert tx.mechanism.noise_multiplier == 2.0 and tx.mechanism.sensitivity == 0.5
+    assert tx.mechanism.max_rounds == 100 and tree_levels(100) == 7
+    assert tx.init(PARAMS).tree_noise["w"].shape == (7, 3, 2)  # one node per level
+    # The node noise std is z * clip_norm / denominator = 0.1: round 1 adds one fresh node.
+    big = jnp.zeros((20_000,), jnp.float32)
+    first, _ = jax.jit(tx.update)(big, tx.init(big))
+    assert np.std(np.asarray(first)) == pytest.approx(0.1, rel=0.03)
+    assert stats.kstest(np.asarray(first) / 0.1, "norm").pvalue > 1e-3
+    assert dp_ftrl_tree_noise(noise_multiplier=1.0, clip_norm=1.0, max_rounds=4,
+                              key=jax.random.key(0), efficient=True).mechanism.efficient
     state = tx.init(PARAMS)
     cohort = CohortUpdates(jax.tree.map(lambda p: p[None], PARAMS), jnp.ones(1), jnp.ones(1, bool))
     with pytest.raises(TypeError):
@@ -224,3 +235,75 @@ def test_dp_ftrl_restarts_and_participation():
         dp_ftrl_dp_event(z, 10, participation="twice")
     with pytest.raises(ConfigError, match="^noise_multiplier="):
         dp_ftrl_epsilon(0.0, 10, delta)
+
+
+# ------------------------------------------------------------ the ledger of a DP-FTRL chain
+
+
+def _stage(name, kind, **kw):
+    """A hypothetical typed stage: only what the ledger reads."""
+    if kind is StageKind.REDUCE:
+        kw.setdefault("partial", lambda c, s: c.updates)
+        kw.setdefault("finalize", lambda t, s: (t, s))
+    else:
+        kw.setdefault("apply", (lambda c, s: c) if kind is StageKind.CLIENT
+                      else (lambda v, s: (v, s)))
+    if kw.get("bound") == "state":
+        kw["bound_of"] = lambda st: 1.0
+    return Stage(name, kind, **kw)
+
+
+CLIP = _stage("clip_per_client", StageKind.CLIENT, bound=0.5, preserves_bound=True)
+SUM = _stage("sum_updates", StageKind.REDUCE, unit_sum=True)
+TREE = _stage("dp_ftrl_tree", StageKind.AGGREGATE,
+              mechanism=TreeAggregationNoise(2.0, 1.0, 4))
+
+
+def test_ledger_reads_the_tree_and_the_bound():
+    acc = ledger_for(chain(CLIP, SUM, TREE), SamplingSpec.cyclic(10, 60), delta=1e-5)
+    assert isinstance(acc, DPFTRLAccountant)
+    # Node noise std 2.0 * 1.0 over the real bound 0.5: the accounted multiplier is 4.
+    assert acc.noise_multiplier == pytest.approx(4.0) and acc.max_rounds == 4
+    acc.record_round(4)
+    assert acc.epsilon() == pytest.approx(dp_ftrl_epsilon(4.0, 4, 1e-5, max_rounds=4))
+    assert acc.rounds_per_pass == 6 and acc.participation == "once"
+    summary = acc.summary()
+    assert summary["mechanism"] == "dp_ftrl_tree" and summary["rounds"] == 4
+    assert summary["epsilon"] == acc.epsilon()
+
+
+def test_ledger_of_the_real_dp_ftrl_aggregator_is_the_same_plain_or_efficient():
+    accs = []
+    for efficient in (False, True):
+        t = dp_ftrl_aggregator(0.5, 2.0, 10, 8, key=jax.random.key(0), efficient=efficient)
+        assert t.names == ("clip_per_client", "sum_updates", "dp_ftrl_tree",
+                           "dp_mean_normalize")
+        assert t.mechanisms[0].mechanism == TreeAggregationNoise(2.0, 0.5, 8, efficient)
+        acc = ledger_for(t, SamplingSpec.cyclic(10, 80), delta=1e-5)
+        assert acc.noise_multiplier == pytest.approx(2.0) and acc.rounds_per_pass == 8
+        acc.record_round(12)
+        accs.append(acc.epsilon())
+    assert accs[0] == accs[1] == pytest.approx(
+        dp_ftrl_epsilon(2.0, 12, 1e-5, max_rounds=8, participation="once_per_tree"))
+
+
+@pytest.mark.parametrize("stages,sampling,field,fragment", [
+    (lambda: (SUM, TREE), SamplingSpec.cyclic(10, 60), "server_chain", "bounds"),
+    (lambda: (CLIP, TREE), SamplingSpec.cyclic(10, 60), "server_chain", "before any reducer"),
+    (lambda: (CLIP, _stage("sum_updates", StageKind.REDUCE), TREE),
+     SamplingSpec.cyclic(10, 60), "server_chain", "unweighted sum"),
+    (lambda: (CLIP, SUM, TREE, _stage("gaussian_noise", StageKind.AGGREGATE,
+                                      mechanism=GaussianSumNoise(1.0, 1.0))),
+     SamplingSpec.cyclic(10, 60), "server_chain", "more than one stage adds DP noise"),
+    (lambda: (_stage("adaptive_clip", StageKind.CLIENT, bound="state"), SUM, TREE),
+     SamplingSpec.cyclic(10, 60), "server_chain", "adaptive"),
+    (lambda: (CLIP, SUM, TREE), SamplingSpec.fixed(10, 60), "sampling", "cyclic schedule"),
+    (lambda: (CLIP, SUM, TREE), SamplingSpec.poisson(0.1), "sampling", "cyclic schedule"),
+    (lambda: (CLIP, SUM, TREE), SamplingSpec.cyclic(20, 60), "max_rounds", "twice"),
+])
+def test_ledger_of_a_tree_rejects(stages, sampling, field, fragment):
+    with pytest.raises(ConfigError, match=f"^{field}=") as e:
+        ledger_for(chain(*stages()), sampling)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="^accountant="):
+        ledger_for(chain(CLIP, SUM, TREE), SamplingSpec.cyclic(10, 60), accountant="pld")

@@ -14,21 +14,31 @@ from scipy import stats
 
 from fedjax_sim._validation import ConfigError
 from fedjax_sim.algorithms import make_algorithm
-from fedjax_sim.cli import main
-from fedjax_sim.config import make_config
-from fedjax_sim.models import make_model
-from fedjax_sim.privacy import dp_ftrl_epsilon, tree_depth
-from fedjax_sim.privacy import cli as privacy_cli
-from fedjax_sim.privacy.accounting import (DPFTRLAccountant,
-                                           dp_ftrl_accountant_from_transform_infos)
+from fedjax_sim.experiment import privacy_cli
+from fedjax_sim.experiment.algorithms import resolved_weighting
+from fedjax_sim.experiment.cli import main
+from fedjax_sim.experiment.config import make_config
+from fedjax_sim.experiment.data import build_data
+from fedjax_sim.experiment.models import build_model
+from fedjax_sim.experiment.runner import run_experiment
+from fedjax_sim.experiment.sampling import build_sampler
+from fedjax_sim.experiment.server import build_chain, calibrated, is_dp, privacy_plan
+from fedjax_sim.privacy import DPFTRLAccountant, dp_ftrl_epsilon, ledger_for, tree_depth
 from fedjax_sim.rounds import make_round
-from fedjax_sim.runner import build_data, run_experiment
 from fedjax_sim.sampling import CyclicSampler
-from fedjax_sim.server import chain, clip_per_client, dp_mean_normalize, sum_updates
+from fedjax_sim.server import (adaptive_clip, chain, clip_per_client, dp_mean_normalize,
+                               gaussian_noise, sum_updates)
 from fedjax_sim.server.dp_ftrl import (DPFTRLTreeState, dp_ftrl_aggregator,
                                        dp_ftrl_tree_noise, efficient_node_variance,
                                        tree_prefix_noise)
-from fedjax_sim.server_config import accountant_for, build_server
+
+
+def build_server(cfg, *, key):
+    """The sampler, privacy plan and chain a run of ``cfg`` assembles."""
+    plan = privacy_plan(cfg)
+    sampler = build_sampler(cfg, cfg.data.num_clients, plan.overflow_tail)
+    plan = calibrated(cfg, plan, sampler)
+    return sampler, plan, build_chain(cfg, sampler=sampler, plan=plan, key=key)
 
 # 60 clients, 20 per round: one pass is 3 rounds; trees of 2 rounds.
 SMALL = dict(data="synthetic", num_clients=60, cohort_size=20, rounds=5, max_examples=16,
@@ -40,14 +50,14 @@ INVALID = [
     ({**FTRL, "sampling": "fixed"}, "sampling='fixed'", "data-independent"),
     ({**FTRL, "sampling": "poisson"}, "sampling='poisson'", "amplification"),
     ({**FTRL, "clip_norm": 0.0}, "noise_multiplier=2.0", "clip_norm > 0"),
-    ({**FTRL, "clip_norm": 0.0, "noise_multiplier": 0.0}, "clip_norm=0.0", "dp_ftrl"),
-    ({**FTRL, "noise_multiplier": 0.0}, "noise_multiplier=0.0", "dp_ftrl"),
+    ({**FTRL, "clip_norm": 0.0, "noise_multiplier": 0.0}, "clip_norm=None", "dp_ftrl"),
+    ({**FTRL, "noise_multiplier": 0.0}, "noise_multiplier=None", "dp_ftrl"),
     ({**FTRL, "adaptive_clipping": True}, "adaptive_clipping=True", "tree"),
     ({**FTRL, "ftrl_restart_rounds": 4}, "ftrl_restart_rounds=4", "3 rounds"),
     # 100 // 30 = 3 rounds per pass, although ceil(100 / 30) = 4 rounds reach everyone.
     ({**FTRL, "num_clients": 100, "cohort_size": 30, "ftrl_restart_rounds": 4},
      "ftrl_restart_rounds=4", "twice"),
-    ({**FTRL, "ftrl_restart_rounds": -1}, "ftrl_restart_rounds=-1", ">= 0"),
+    ({**FTRL, "ftrl_restart_rounds": -1}, "ftrl_restart_rounds=-1", ">= 1"),
     ({"ftrl_restart_rounds": 2}, "ftrl_restart_rounds=2", "dp_ftrl"),
     ({**FTRL, "accountant": "pld"}, "accountant='pld'", "RDP"),
     ({**FTRL, "weighting": "examples"}, "weighting='examples'", "uniform"),
@@ -82,21 +92,22 @@ def test_cli_run_rejects_dp_ftrl_without_cyclic_in_one_line(capsys):
 
 def test_valid_configs_and_plan():
     cfg = make_config({**SMALL, **FTRL})
-    assert cfg.dp and cfg.client_weighting == "uniform" and cfg.ftrl_max_rounds == 3
-    assert make_config({**SMALL, **FTRL, "num_clients": 100,
-                        "cohort_size": 30}).ftrl_max_rounds == 3  # floor, not ceil
-    plan = build_server(cfg, key=jax.random.key(0))
-    assert isinstance(plan.sampler, CyclicSampler) and plan.ftrl_max_rounds == 3
-    names = [i.get("name") for i in plan.transform.info["chain"]]
-    assert names == ["clip_per_client", "sum_updates", "dp_ftrl_tree", "dp_mean_normalize"]
-    assert plan.transform.streaming is not None
+    assert is_dp(cfg) and resolved_weighting(cfg, True) == "uniform"
+    assert privacy_plan(cfg).ftrl_max_rounds == 3
+    assert privacy_plan(make_config({**SMALL, **FTRL, "num_clients": 100,
+                                     "cohort_size": 30})).ftrl_max_rounds == 3  # floor
+    sampler, plan, server_chain = build_server(cfg, key=jax.random.key(0))
+    assert isinstance(sampler, CyclicSampler) and plan.ftrl_max_rounds == 3
+    assert server_chain.names == ("clip_per_client", "sum_updates", "dp_ftrl_tree",
+                                  "dp_mean_normalize")
+    assert server_chain.streaming
     # Cyclic sampling also works with any aggregator, without DP.
-    plain = build_server(make_config({**SMALL, "sampling": "cyclic",
-                                      "aggregator": "median"}), key=jax.random.key(0))
-    assert isinstance(plain.sampler, CyclicSampler) and not plain.dp
+    plain_sampler, plain, _ = build_server(make_config({**SMALL, "sampling": "cyclic",
+                                                        "aggregator": "median"}),
+                                           key=jax.random.key(0))
+    assert isinstance(plain_sampler, CyclicSampler) and not plain.dp
     # A momentum server only post-processes the released sums: allowed, with a note.
-    notes = build_server(make_config({**SMALL, **FTRL, "algorithm": "fedavgm"}),
-                         key=jax.random.key(0)).notes
+    notes = privacy_plan(make_config({**SMALL, **FTRL, "algorithm": "fedavgm"})).notes
     assert any("not FTRL" in n for n in notes)
     assert not any("not FTRL" in n for n in plan.notes)
 
@@ -155,8 +166,8 @@ def test_run_epsilon_per_round_matches_direct_accounting(tmp_path, capsys):
     assert any("at most one round per tree" in a for a in privacy["assumptions"])
     assert "privacy: client-level" in capsys.readouterr().err
     # `fedjax-sim privacy` gives the run's epsilon for the same cyclic schedule.
-    import argparse
-    parser = argparse.ArgumentParser()
+    from fedjax_sim.experiment.flags import ArgumentParser
+    parser = ArgumentParser(prog="fedjax-sim")
     privacy_cli.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["privacy", "--mechanism", "dp_ftrl_tree",
                               "--noise-multiplier", "2", "--rounds", "5", "--delta",
@@ -198,34 +209,33 @@ def test_model_is_clipped_sums_plus_tree_noise():
     (prefix sum of clipped sums + N_t) / cohort, with N_t the tree's own noise."""
     cfg = make_config({**SMALL, **FTRL, "rounds": 4})
     data = build_data(cfg)
-    model = make_model(cfg.model, data.example_shape, data.num_classes, hidden=cfg.hidden)
-    plan = build_server(cfg, key=jax.random.key(7))
-    common = dict(client_lr=cfg.client_lr, local_epochs=cfg.local_epochs,
-                  batch_size=cfg.batch_size, weighting=plan.weighting)
-    m = cfg.cohort_size
-    ftrl = make_round(model, make_algorithm("fedavg", server_transform=plan.transform,
-                                            **common), plan.sampler,
-                      max_examples=data.population.max_examples)
-    ref_transform = chain(clip_per_client(cfg.clip_norm), sum_updates(),
+    model = build_model(cfg, data.example_shape, data.num_classes)
+    sampler, plan, server_chain = build_server(cfg, key=jax.random.key(7))
+    a = cfg.algorithm
+    common = dict(client_lr=a.client_lr, local_epochs=a.local_epochs,
+                  batch_size=a.batch_size, weighting=resolved_weighting(cfg, plan.dp))
+    m = cfg.sampling.cohort_size
+    ftrl = make_round(make_algorithm("fedavg", model, aggregator=server_chain, **common),
+                      sampler)
+    ref_transform = chain(clip_per_client(cfg.server.clip_norm), sum_updates(),
                           dp_mean_normalize(float(m)))
-    ref = make_round(model, make_algorithm("fedavg", server_transform=ref_transform,
-                                           **common), plan.sampler,
-                     max_examples=data.population.max_examples)
+    ref = make_round(make_algorithm("fedavg", model, aggregator=ref_transform, **common),
+                     sampler)
     state = ftrl.init(jax.random.key(1))
-    ref_transform_state = ref.init(jax.random.key(1)).transform_state
+    ref_aggregator_state = ref.init(jax.random.key(1)).aggregator
     seen = []
     clipped_any = False
-    for r in range(cfg.rounds):
+    for r in range(cfg.sampling.rounds):
         key = jax.random.fold_in(jax.random.key(2), r)
         new, out = ftrl.step(state, data.population, key)
-        want, ref_out = ref.step(state.replace(transform_state=ref_transform_state),
+        want, ref_out = ref.step(state.replace(aggregator=ref_aggregator_state),
                                  data.population, key)
         np.testing.assert_array_equal(out.client_ids, ref_out.client_ids)
         seen.append(np.asarray(out.client_ids))
-        clipped_any |= bool(np.max(out.client_metrics["update_norm"]) > cfg.clip_norm)
+        clipped_any |= bool(np.max(out.client_metrics["update_norm"]) > cfg.server.clip_norm)
         noise_step = jax.tree.map(lambda a, b: (a - b) / m,
-                                  tree_prefix_noise(_tree_state(new.transform_state)),
-                                  tree_prefix_noise(_tree_state(state.transform_state)))
+                                  tree_prefix_noise(_tree_state(new.aggregator)),
+                                  tree_prefix_noise(_tree_state(state.aggregator)))
         for got, w, n in zip(jax.tree.leaves(new.params), jax.tree.leaves(want.params),
                              jax.tree.leaves(noise_step)):
             np.testing.assert_allclose(got, w + n, atol=2e-5, rtol=1e-5)
@@ -240,8 +250,8 @@ def test_model_is_clipped_sums_plus_tree_noise():
 def test_target_epsilon_is_calibrated_for_the_cyclic_run():
     cfg = make_config({**SMALL, **FTRL, "noise_multiplier": 0.0, "target_epsilon": 3.0,
                        "rounds": 7})
-    plan = build_server(cfg, key=jax.random.key(0))
-    acc = accountant_for(plan.transform, plan.sampler, accountant="rdp", delta=plan.delta)
+    sampler, plan, server_chain = build_server(cfg, key=jax.random.key(0))
+    acc = ledger_for(server_chain, sampler.spec, accountant="rdp", delta=plan.delta)
     assert isinstance(acc, DPFTRLAccountant) and plan.calibrated
     assert acc.noise_multiplier == pytest.approx(plan.noise_multiplier)
     acc.record_round(7)
@@ -249,34 +259,42 @@ def test_target_epsilon_is_calibrated_for_the_cyclic_run():
     assert 0.999 * 3.0 <= acc.epsilon() <= 3.0
 
 
-CLIP = {"name": "clip_per_client", "clip_norm": 0.5, "sensitivity": 0.5, "per_client": True}
-SUM = {"name": "sum_updates", "weighted": False}
-TREE = {"name": "dp_ftrl_tree", "noise_multiplier": 2.0, "clip_norm": 1.0, "max_rounds": 4}
+CLIP = clip_per_client(0.5)
+SUM = sum_updates()
+TREE = dp_ftrl_tree_noise(noise_multiplier=2.0, clip_norm=1.0, max_rounds=4,
+                          key=jax.random.key(0))
+CYCLIC = CyclicSampler(60, 10).spec  # six rounds per pass
 
 
-def test_accountant_from_infos_reads_the_tree_and_the_bound():
-    acc = dp_ftrl_accountant_from_transform_infos([CLIP, SUM, TREE], rounds_per_pass=6,
-                                                  delta=1e-5)
+def test_ledger_reads_the_tree_and_the_bound():
+    acc = ledger_for(chain(CLIP, SUM, TREE), CYCLIC, delta=1e-5)
     # Node noise std 2.0 * 1.0 over the real bound 0.5: the accounted multiplier is 4.
     assert acc.noise_multiplier == pytest.approx(4.0) and acc.max_rounds == 4
     acc.record_round(4)
     assert acc.epsilon() == pytest.approx(dp_ftrl_epsilon(4.0, 4, 1e-5, max_rounds=4))
     assert acc.rounds_per_pass == 6 and acc.participation == "once"
+    assert ledger_for(chain(CLIP, SUM), CYCLIC) is None  # no noise: nothing to account
 
 
-@pytest.mark.parametrize("infos,fragment", [
-    ([SUM, TREE], "bounds"),
-    ([CLIP, TREE], "sum_updates"),
-    ([CLIP, {"name": "sum_updates", "weighted": True}, TREE], "sum_updates"),
-    ([CLIP, SUM, TREE, {"name": "gaussian_noise", "noise_multiplier": 1.0,
-                        "sensitivity": 1.0}], "other noise"),
-    ([{"name": "adaptive_clip", "sensitivity": None}, SUM, TREE], "adaptive"),
-    ([CLIP, SUM], "exactly one"),
+@pytest.mark.parametrize("stages,fragment", [
+    ((SUM, TREE), "bounds"),
+    ((CLIP, TREE), "before any reducer"),
+    ((CLIP, sum_updates(weighted=True), TREE), "sum_updates"),
+    ((CLIP, SUM, TREE, gaussian_noise(1.0, 1.0, key=jax.random.key(1))),
+     "more than one stage adds DP noise"),
+    ((adaptive_clip(1.0, 0.5, 0.2, 0.0, key=jax.random.key(2)), SUM, TREE), "adaptive"),
 ])
-def test_accountant_from_infos_rejects(infos, fragment):
-    with pytest.raises(ConfigError, match="^infos=") as e:
-        dp_ftrl_accountant_from_transform_infos(infos, rounds_per_pass=6)
-    assert fragment in str(e.value)
+def test_ledger_rejects(stages, fragment):
+    with pytest.raises(ConfigError, match="^server_chain=") as e:
+        ledger_for(chain(*stages), CYCLIC)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_tree_ledger_needs_a_cyclic_schedule_and_rdp():
+    with pytest.raises(ConfigError, match="^sampling='fixed'"):
+        ledger_for(chain(CLIP, SUM, TREE), CyclicSampler(60, 10).spec.fixed(10, 60))
+    with pytest.raises(ConfigError, match="^accountant='pld'"):
+        ledger_for(chain(CLIP, SUM, TREE), CYCLIC, accountant="pld")
 
 
 def test_accountant_rejects_a_tree_longer_than_a_pass():
@@ -344,19 +362,21 @@ def test_efficient_tree_variance_matches_closed_form_and_beats_the_plain_tree():
 
 
 def test_efficient_tree_keeps_the_accounting():
+    import dataclasses
     kwargs = dict(noise_multiplier=2.0, clip_norm=0.5, max_rounds=8, key=jax.random.key(0))
-    plain = dp_ftrl_tree_noise(**kwargs).info
-    eff = dp_ftrl_tree_noise(**kwargs, efficient=True).info
-    assert eff.pop("efficient") and not plain.pop("efficient") and eff == plain
+    plain = dp_ftrl_tree_noise(**kwargs).mechanism
+    eff = dp_ftrl_tree_noise(**kwargs, efficient=True).mechanism
+    assert eff.efficient and not plain.efficient
+    assert dataclasses.replace(eff, efficient=False) == plain
     accs = []
     for efficient in (False, True):
         t = dp_ftrl_aggregator(0.5, 2.0, 10, 8, key=jax.random.key(0), efficient=efficient)
-        acc = dp_ftrl_accountant_from_transform_infos(t.info, rounds_per_pass=8,
-                                                      delta=1e-5)
+        acc = ledger_for(t, CyclicSampler(80, 10).spec, delta=1e-5)  # 8 rounds a pass
         acc.record_round(12)
         accs.append(acc.epsilon())
     assert accs[0] == accs[1] == dp_ftrl_epsilon(2.0, 12, 1e-5, max_rounds=8,
                                                  participation="once_per_tree")
     cfg = make_config({**SMALL, **FTRL, "ftrl_efficient": True})
-    tree = build_server(cfg, key=jax.random.key(0)).transform.info["chain"][2]
-    assert tree["name"] == "dp_ftrl_tree" and tree["efficient"] is True
+    _, _, server_chain = build_server(cfg, key=jax.random.key(0))
+    tree = server_chain.stages[2]
+    assert tree.name == "dp_ftrl_tree" and tree.mechanism.efficient is True

@@ -15,12 +15,16 @@ import pytest
 from scipy import stats
 
 from fedjax_sim._validation import ConfigError
-from fedjax_sim.cli import main
-from fedjax_sim.config import make_config
-from fedjax_sim.runner import run_experiment
-from fedjax_sim.server import CohortUpdates, chain, clip_per_client, weighted_mean
-from fedjax_sim.server_config import (build_server, poisson_capacity, privacy_config_for,
-                                      with_clip_diagnostics)
+from fedjax_sim.experiment.algorithms import resolved_weighting
+from fedjax_sim.experiment.cli import main
+from fedjax_sim.experiment.config import make_config
+from fedjax_sim.experiment.runner import run_experiment
+from fedjax_sim.experiment.sampling import build_sampler
+from fedjax_sim.experiment.server import build_chain, is_dp, privacy_plan
+from fedjax_sim.privacy import ledger_for
+from fedjax_sim.sampling import poisson_capacity
+from fedjax_sim.server import (CohortUpdates, chain, clip_diagnostics, clip_per_client,
+                               weighted_mean)
 
 SMALL = dict(data="synthetic", num_clients=300, cohort_size=30, rounds=3, max_examples=16,
              eval_clients=30, local_epochs=1)
@@ -35,7 +39,7 @@ INVALID = [
      "target_epsilon=2.0", "robust reducers"),
     ({**DP, "noise_multiplier": 1.0, "target_epsilon": 2.0}, "target_epsilon=2.0",
      "not both"),
-    ({"aggregator": "dp_fedavg"}, "clip_norm=0.0", "dp_fedavg"),
+    ({"aggregator": "dp_fedavg"}, "clip_norm=None", "dp_fedavg"),
     ({"aggregator": "trimmed_mean", "trim_fraction": 0.5}, "trim_fraction=0.5", "< 0.5"),
     ({"aggregator": "bulyan", "num_byzantine": 3, "cohort_size": 14}, "num_byzantine=3",
      "15"),
@@ -78,9 +82,10 @@ def test_cli_reports_invalid_combination_in_one_line(capsys):
 
 
 def test_valid_dp_and_robust_configs():
-    assert make_config({**SMALL, **DP, "noise_multiplier": 1.0}).client_weighting == "uniform"
-    assert make_config(SMALL).client_weighting == "examples"
-    assert not make_config({**SMALL, **DP}).dp  # clipping + fixed denominator, no noise
+    dp = make_config({**SMALL, **DP, "noise_multiplier": 1.0})
+    assert is_dp(dp) and resolved_weighting(dp, is_dp(dp)) == "uniform"
+    assert resolved_weighting(make_config(SMALL), False) == "examples"
+    assert not is_dp(make_config({**SMALL, **DP}))  # clipping + fixed denominator, no noise
     make_config({**SMALL, "aggregator": "bulyan", "num_byzantine": 6})  # 30 >= 27
     make_config({**SMALL, "aggregator": "centered_clipping", "clip_norm": 1.0,
                  "adaptive_clipping": True})
@@ -152,15 +157,21 @@ def test_robust_aggregator_via_cli(tmp_path, capsys):
     assert all(math.isfinite(r["train_loss"]) for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epsilon"] is None and summary["privacy"]["dp"] is False
-    assert summary["config"]["aggregator"] == "bulyan"
+    assert summary["config"]["server"]["aggregator"] == "bulyan"
+    assert summary["streaming"] is False and "not a sum" in summary["why_stacked"]
     assert "no formal DP guarantee" in capsys.readouterr().err
 
 
 def test_ledger_reads_the_chain_that_runs():
     cfg = make_config({**SMALL, **DP, "noise_multiplier": 1.3, "quantize_bits": 8})
-    plan = build_server(cfg, key=jax.random.key(0))
-    privacy = privacy_config_for(plan.transform, plan.sampler, accountant="rdp",
-                                 delta=plan.delta)
+    plan = privacy_plan(cfg)
+    sampler = build_sampler(cfg, 300, plan.overflow_tail)
+    server_chain = build_chain(cfg, sampler=sampler, plan=plan, key=jax.random.key(0))
+    assert server_chain.names == ("stochastic_quantize", "clip_per_client", "sum_updates",
+                                  "gaussian_noise", "dp_mean_normalize")
+    assert server_chain.streaming  # the quantiser runs inside the chunks now
+    ledger = ledger_for(server_chain, sampler.spec, accountant="rdp", delta=plan.delta)
+    privacy = ledger.config
     assert privacy.noise_multiplier == 1.3 and privacy.sampling.kind == "fixed"
     assert (privacy.sampling.cohort_size, privacy.sampling.population_size) == (30, 300)
 
@@ -178,12 +189,15 @@ def test_clip_diagnostics_streaming_matches_stacked():
                "b": jnp.asarray(rng.normal(size=(6,)).astype(np.float32))}
     mask = jnp.asarray([True, True, True, True, True, False])
     cohort = CohortUpdates(updates, jnp.where(mask, 1.0, 0.0), mask)
-    t = with_clip_diagnostics(chain(clip_per_client(1.5), weighted_mean()), 1.5)
+    t = chain(clip_per_client(1.5), weighted_mean())
     state = t.init(jax.tree.map(lambda u: u[0], updates))
-    agg, (_, diag) = t.update(cohort, state)
+    agg, new_state = t.update(cohort, state)
+    diag = clip_diagnostics(new_state)
     halves = [jax.tree.map(lambda x: x[s], cohort) for s in (slice(0, 3), slice(3, 6))]
-    total = jax.tree.map(lambda a, b: a + b, *[t.streaming.partial(h, state) for h in halves])
-    agg_s, (_, diag_s) = t.streaming.finalize(total, state)
+    total = jax.tree.map(lambda a, b: a + b, *[t.partial(h, state) for h in halves])
+    agg_s, state_s, count = t.finalize(total, state)
+    diag_s = clip_diagnostics(state_s)
+    assert int(count.aggregated) == 5
     norms = np.sqrt((np.asarray(updates["w"]) ** 2).sum(1) + np.asarray(updates["b"]) ** 2)[:5]
     np.testing.assert_allclose(diag.clipped_fraction, np.mean(norms > 1.5), rtol=1e-6)
     np.testing.assert_allclose(diag.mean_update_norm, norms.mean(), rtol=1e-5)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +11,8 @@ import pytest
 import fedjax_sim.poisoning as P
 from fedjax_sim import server as S
 from fedjax_sim._validation import ConfigError
-from fedjax_sim.algorithms import make_algorithm
-from fedjax_sim.client_update import ClientConfig, make_client_update
+from fedjax_sim.algorithms import local_training_client, make_algorithm
+from fedjax_sim.client_update import ClientConfig
 from fedjax_sim.models import make_model
 from fedjax_sim.rounds import make_round
 from fedjax_sim.sampling import FixedSizeSampler
@@ -66,8 +64,12 @@ def _attacks():
         "constrain_scale": P.constrain_and_scale(trig, 1, 0.5),
         "sign_flip": P.sign_flip(2.0),
         "gaussian": P.gaussian_noise_attack(1.0),
-        "tag_for_server": P.tag_for_server,
     }
+
+
+def _honest(model, config):
+    """One honest client's update: FedAvg's client program (the upload is the delta)."""
+    return local_training_client(model, config).update
 
 
 def test_every_attack_honours_the_client_mask_and_the_malicious_set():
@@ -75,11 +77,12 @@ def test_every_attack_honours_the_client_mask_and_the_malicious_set():
                             seed=1, min_count=2)
     model = make_model("softmax", (5,), NUM_CLASSES)
     params = model.init(jax.random.key(0))
-    honest = make_client_update(model, ClientConfig(optax.sgd(0.5)), data.max_examples)
+    program = local_training_client(model, ClientConfig(optax.sgd(0.5)))
+    honest = program.update
     # Even ids are malicious; the predicate even claims padding (-1), which must not matter.
     is_mal = lambda ids: ((ids % 2) == 0) | (ids < 0)  # noqa: E731
     attacks = _attacks()
-    fns = {name: P.make_adversarial_client_update(honest, a, is_mal)
+    fns = {name: P.adversarial_client(program, a, is_mal).update
            for name, a in attacks.items()}
     ids = jnp.asarray([0, 1, 2, -1, 3, -1], jnp.int32)
     cohort = data.cohort_data(ids)
@@ -102,11 +105,9 @@ def test_every_attack_honours_the_client_mask_and_the_malicious_set():
         assert np.all(np.asarray(out.weight)[pad] == 0), name
         # Malicious clients: the attack's update, computed with the attack key.
         changed = any(not np.allclose(np.asarray(x)[even], np.asarray(y)[even])
-                      for x, y in zip(jax.tree.leaves(out.delta), jax.tree.leaves(h.delta)))
-        if name == "tag_for_server":
-            assert np.all(np.asarray(out.weight)[even] < 0)
-        else:
-            assert changed, name
+                      for x, y in zip(jax.tree.leaves(out.upload),
+                                      jax.tree.leaves(h.upload)))
+        assert changed, name
 
 
 def test_model_poisoning_deltas_have_the_promised_norm_and_direction():
@@ -114,20 +115,20 @@ def test_model_poisoning_deltas_have_the_promised_norm_and_direction():
                             seed=2, min_count=3)
     model = make_model("softmax", (5,), NUM_CLASSES)
     params = model.init(jax.random.key(0))
-    honest = make_client_update(model, ClientConfig(optax.sgd(0.5)), data.max_examples)
+    honest = _honest(model, ClientConfig(optax.sgd(0.5)))
     trig = P.feature_trigger((0,), 2.0)
     d = jax.tree.map(lambda x: x[0], data.cohort_data(jnp.arange(4)))
     key = jax.random.key(1)
     h = honest(params, d, key, ())
     norm = lambda t: float(S.per_client_l2_norms(jax.tree.map(lambda x: x[None], t))[0])  # noqa
     flipped = P.sign_flip(3.0)(honest, params, d, key, ())
-    for a, b in zip(jax.tree.leaves(flipped.delta), jax.tree.leaves(h.delta)):
+    for a, b in zip(jax.tree.leaves(flipped.upload), jax.tree.leaves(h.upload)):
         np.testing.assert_allclose(a, -3.0 * b, rtol=1e-6)
     cs = P.constrain_and_scale(trig, 1, 0.25)(honest, params, d, key, ())
-    assert norm(cs.delta) == pytest.approx(0.25, rel=1e-5)
+    assert norm(cs.upload) == pytest.approx(0.25, rel=1e-5)
     bd = P.backdoor(trig, 1)(honest, params, d, key, ())
     mr = P.model_replacement(trig, 1, 40.0)(honest, params, d, key, ())
-    for a, b in zip(jax.tree.leaves(mr.delta), jax.tree.leaves(bd.delta)):
+    for a, b in zip(jax.tree.leaves(mr.upload), jax.tree.leaves(bd.upload)):
         np.testing.assert_allclose(a, 40.0 * b, rtol=1e-5)
 
 
@@ -138,11 +139,11 @@ def test_attacked_cohort_trains_every_client_once(name):
                             seed=3, min_count=4)
     model = make_model("softmax", (5,), NUM_CLASSES)
     params = model.init(jax.random.key(0))
-    honest = make_client_update(model, ClientConfig(optax.sgd(0.5), batch_size=2),
-                                data.max_examples)
+    program = local_training_client(model, ClientConfig(optax.sgd(0.5), batch_size=2))
+    honest = program.update
     attack = _attacks()[name]
     is_mal = lambda ids: ids % 2 == 0  # noqa: E731
-    adversarial = P.make_adversarial_client_update(honest, attack, is_mal)
+    adversarial = P.adversarial_client(program, attack, is_mal).update
     ids = jnp.arange(6, dtype=jnp.int32)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(9), i))(ids)
     cohort = data.cohort_data(ids)
@@ -166,7 +167,7 @@ def test_attacked_cohort_trains_every_client_once(name):
                 lambda a: a[c], out))):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     if name == "sign_flip":  # the very same training run, negated
-        for a, b in zip(jax.tree.leaves(out.delta), jax.tree.leaves(h.delta)):
+        for a, b in zip(jax.tree.leaves(out.upload), jax.tree.leaves(h.upload)):
             np.testing.assert_array_equal(np.asarray(a)[::2], -2.0 * np.asarray(b)[::2])
 
 
@@ -175,19 +176,19 @@ def test_generic_attack_callables_reuse_the_honest_run_when_they_can():
                             seed=4, min_count=4)
     model = make_model("softmax", (5,), NUM_CLASSES)
     params = model.init(jax.random.key(0))
-    honest = make_client_update(model, ClientConfig(optax.sgd(0.5), batch_size=2),
-                                data.max_examples)
+    program = local_training_client(model, ClientConfig(optax.sgd(0.5), batch_size=2))
+    honest = program.update
 
     def doubled(honest_update, p, d, k, s):  # a plain callable, not a StagedAttack
         out = honest_update(p, d, k, s)
-        return out._replace(delta=jax.tree.map(lambda x: 2 * x, out.delta))
+        return out._replace(upload=jax.tree.map(lambda x: 2 * x, out.upload))
 
-    fn = P.make_adversarial_client_update(honest, doubled, lambda ids: ids >= 0)
+    fn = P.adversarial_client(program, doubled, lambda ids: ids >= 0).update
     ids = jnp.arange(4, dtype=jnp.int32)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(2), i))(ids)
     run = lambda f: jax.vmap(lambda d, k: f(params, d, k, ()))(  # noqa: E731
         data.cohort_data(ids), keys)
-    for a, b in zip(jax.tree.leaves(run(fn).delta), jax.tree.leaves(run(honest).delta)):
+    for a, b in zip(jax.tree.leaves(run(fn).upload), jax.tree.leaves(run(honest).upload)):
         np.testing.assert_array_equal(np.asarray(a), 2 * np.asarray(b))
 
 
@@ -212,12 +213,12 @@ def test_label_flip_trains_on_flipped_labels():
                             seed=3, min_count=3)
     model = make_model("softmax", (5,), NUM_CLASSES)
     params = model.init(jax.random.key(0))
-    honest = make_client_update(model, ClientConfig(optax.sgd(0.5)), data.max_examples)
+    honest = _honest(model, ClientConfig(optax.sgd(0.5)))
     d = jax.tree.map(lambda x: x[0], data.cohort_data(jnp.arange(2)))
     key = jax.random.key(1)
     ref = honest(params, d.replace(y=NUM_CLASSES - 1 - d.y), key, ())
     out = P.label_flip(NUM_CLASSES)(honest, params, d, key, ())
-    for a, b in zip(jax.tree.leaves(out.delta), jax.tree.leaves(ref.delta)):
+    for a, b in zip(jax.tree.leaves(out.upload), jax.tree.leaves(ref.upload)):
         np.testing.assert_array_equal(a, b)
 
 
@@ -255,35 +256,47 @@ def test_backdoor_success_excludes_target_examples_and_alignment_is_a_cosine():
 # ------------------------------------------------------------------ omniscient attacks
 
 def _alie_cohort(n=50, m=15, dim=5000, seed=0, padded=2):
+    """n clients (the first m malicious, by id) plus ``padded`` padding rows (id -1)."""
     rng = np.random.default_rng(seed)
     mu = 0.1 * rng.normal(size=dim)
     ups = (mu + rng.normal(size=(n + padded, dim))).astype(np.float32)
-    weights = np.ones(n + padded, np.float32)
-    weights[:m] = -1.0  # the malicious clients' tag (tag_for_server)
     mask = np.arange(n + padded) < n
     ups[~mask] = 1e6  # junk in masked rows must not leak
-    cohort = S.CohortUpdates({"w": jnp.asarray(ups)}, jnp.asarray(weights), jnp.asarray(mask))
-    return cohort, jnp.asarray(weights > 0)
+    ids = np.where(mask, np.arange(n + padded), -1).astype(np.int32)
+    cohort = S.CohortUpdates({"w": jnp.asarray(ups)}, jnp.ones(n + padded, jnp.float32),
+                             jnp.asarray(mask), jnp.asarray(ids))
+    is_mal = lambda ids: (ids >= 0) & (ids < m)  # noqa: E731
+    return cohort, jnp.asarray(~is_mal(ids)), is_mal
 
 
 def test_omniscient_rows_match_a_numpy_reference_and_masked_rows_stay_out():
-    cohort, honest = _alie_cohort(n=12, m=3, dim=7, padded=2)
+    cohort, honest, is_mal = _alie_cohort(n=12, m=3, dim=7, padded=2)
     u = np.asarray(cohort.updates["w"], np.float64)
     h = np.asarray(honest & cohort.mask)
     mu, sd = u[h].mean(0), u[h].std(0)
-    out, _ = P.omniscient_attack("alie", z=0.7).update(cohort, ())
+    out, _ = P.omniscient_attack("alie", is_mal, z=0.7).update(cohort, ())
     w = np.asarray(out.updates["w"])
     np.testing.assert_allclose(w[:3], np.broadcast_to(mu - 0.7 * sd * np.sign(mu), (3, 7)),
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(w[3:12], u[3:12].astype(np.float32))
     np.testing.assert_array_equal(w[12:], 0.0)
     np.testing.assert_array_equal(np.asarray(out.weights), [1.0] * 12 + [0.0] * 2)
-    out, _ = P.omniscient_attack("ipm", epsilon=0.5).update(cohort, ())
+    out, _ = P.omniscient_attack("ipm", is_mal, epsilon=0.5).update(cohort, ())
     np.testing.assert_allclose(np.asarray(out.updates["w"])[:3],
                                np.broadcast_to(-0.5 * mu, (3, 7)), rtol=1e-5, atol=1e-6)
-    out, _ = P.omniscient_attack("alie", z=0.7, signed=False).update(cohort, ())
+    out, _ = P.omniscient_attack("alie", is_mal, z=0.7, signed=False).update(cohort, ())
     np.testing.assert_allclose(np.asarray(out.updates["w"])[:3],
                                np.broadcast_to(mu - 0.7 * sd, (3, 7)), rtol=1e-5, atol=1e-6)
+    # The rows are found by client id, wherever they sit in the cohort.
+    perm = np.random.default_rng(1).permutation(14)
+    shuffled = jax.tree.map(lambda x: x[perm], cohort)
+    out_perm, _ = P.omniscient_attack("ipm", is_mal, epsilon=0.5).update(shuffled, ())
+    ref, _ = P.omniscient_attack("ipm", is_mal, epsilon=0.5).update(cohort, ())
+    np.testing.assert_allclose(np.asarray(out_perm.updates["w"]),
+                               np.asarray(ref.updates["w"])[perm], rtol=1e-5, atol=1e-6)
+    # Without client ids it cannot find them: a one-line ConfigError.
+    with pytest.raises(ConfigError, match="^client_ids=None"):
+        P.omniscient_attack("alie", is_mal).update(cohort._replace(client_ids=None), ())
 
 
 def test_baruch_z_matches_the_paper_formula():
@@ -314,8 +327,8 @@ def test_omniscient_attacks_turn_every_robust_reducer_against_the_honest_mean(ki
     # Measured cosines here (seed 0): ALIE -0.28 (centred clipping) to -0.66 (Krum, Bulyan);
     # IPM -0.23 (Multi-Krum) to -1.0, but only -0.055 for trimmed_mean(0.3): the weakest
     # margin (it is +0.01 at 2000 dimensions, see notebooks/04_poisoning.ipynb).
-    cohort, honest = _alie_cohort()
-    attack = P.omniscient_attack(kind, epsilon=0.5)
+    cohort, honest, is_mal = _alie_cohort()
+    attack = P.omniscient_attack(kind, is_mal, epsilon=0.5)
     transform = S.chain(attack, ROBUST[reducer](15))
     agg, _ = jax.jit(transform.update)(cohort, transform.init({"w": jnp.zeros(5000)}))
     al = P.aggregate_alignment(agg, cohort, honest)
@@ -331,15 +344,29 @@ def test_alie_runs_inside_the_round():
                             min_count=1)
     model = make_model("softmax", (5,), 3)
     is_mal = P.malicious_by_permutation(20, 5, seed=0)
-    alg = make_algorithm("fedavg", client_lr=0.3, batch_size=4, server_transform=S.chain(
-        P.omniscient_attack("alie"), S.coordinate_median()))
-    honest = make_client_update(model, alg.client, data.max_examples)
-    fr = make_round(model, alg, FixedSizeSampler(20, 20), max_examples=data.max_examples,
-                    client_update=P.make_adversarial_client_update(honest, P.tag_for_server,
-                                                                   is_mal))
-    state, out = fr.step(fr.init(jax.random.key(0)), data, jax.random.key(1))
-    assert int(out.metrics["num_aggregated"]) == 20
-    assert np.isfinite(float(out.metrics["update_norm"]))
+    alg = make_algorithm("fedavg", model, client_lr=0.3, batch_size=4)
+    sampler = FixedSizeSampler(20, 20)
+    params = {}
+    for name, predicate in [("attacked", is_mal), ("nobody", lambda ids: ids < -1),
+                            ("median", None)]:
+        aggregator = (S.coordinate_median() if predicate is None else
+                      S.chain(P.omniscient_attack("alie", predicate), S.coordinate_median()))
+        fr = make_round(alg.with_aggregator(aggregator), sampler,
+                        observers=[P.poisoning_diagnostics(is_mal)])
+        assert not fr.streaming
+        state, out = fr.step(fr.init(jax.random.key(0)), data, jax.random.key(1))
+        assert int(out.metrics["num_aggregated"]) == 20
+        assert int(out.metrics["num_malicious"]) == 5
+        assert np.isfinite(float(out.metrics["update_norm"]))
+        params[name] = state.params
+    # The stage found the malicious rows by client id inside the round: an adversary with
+    # no members changes nothing (up to float32 rounding of another program), one with
+    # five moves the median.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
+                 params["nobody"], params["median"])
+    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(
+        jax.tree.leaves(params["attacked"]), jax.tree.leaves(params["median"])))
+    assert moved > 1e-3, moved
 
 
 @pytest.mark.slow
@@ -349,15 +376,17 @@ def test_round_logs_alignment_with_the_honest_mean_like_a_numpy_reference(stream
                             min_count=0)
     model = make_model("softmax", (5,), 3)
     is_mal = P.malicious_by_permutation(24, 6, seed=1)
-    alg = make_algorithm("fedavg", client_lr=0.3, batch_size=4)
-    if not streamed:  # The same weighted mean, reduced from the stacked [C, ...] deltas.
-        alg = dataclasses.replace(alg, server_transform=alg.server_transform._replace(
-            streaming=None))
-    honest = make_client_update(model, alg.client, data.max_examples)
-    attack = P.make_adversarial_client_update(honest, P.sign_flip(3.0), is_mal)
+    alg = make_algorithm("fedavg", model, client_lr=0.3, batch_size=4)
+    if not streamed:  # The same weighted mean, reduced from the stacked [C, ...] uploads.
+        mean = S.weighted_mean()
+        alg = alg.with_aggregator(S.Stage(
+            "weighted_mean_stacked", S.StageKind.REDUCE,
+            apply=lambda cohort, st: mean.finalize(mean.partial(cohort, st), st)))
+    attack = P.adversarial_client(alg.client, P.sign_flip(3.0), is_mal)
     sampler = FixedSizeSampler(24, 15)
-    fr = make_round(model, alg, sampler, max_examples=data.max_examples, chunk_size=4,
-                    client_update=attack, is_malicious=is_mal)
+    fr = make_round(alg.with_client(attack), sampler, chunk_size=4,
+                    observers=[P.poisoning_diagnostics(is_mal)])
+    assert fr.streaming is streamed
     state = fr.init(jax.random.key(0))
     new_state, out = fr.step(state, data, jax.random.key(1))
 
@@ -367,9 +396,9 @@ def test_round_logs_alignment_with_the_honest_mean_like_a_numpy_reference(stream
     flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])  # noqa: E731
     deltas, weights, bad = [], [], []
     for i in ids[ids >= 0]:
-        o = attack(state.params, jax.tree.map(lambda a: a[0], data.cohort_data(
+        o = attack.update(state.params, jax.tree.map(lambda a: a[0], data.cohort_data(
             jnp.asarray([i], jnp.int32))), jax.random.fold_in(client_key, int(i)), ())
-        deltas.append(flat(o.delta))
+        deltas.append(flat(o.upload))
         weights.append(float(o.weight))
         bad.append(bool(is_mal(jnp.int32(i))))
     deltas, weights, bad = np.stack(deltas), np.asarray(weights), np.asarray(bad)
@@ -395,13 +424,29 @@ def test_without_attackers_the_mean_is_perfectly_aligned_with_the_honest_mean():
     data = random_federated(num_clients=10, max_examples=8, dim=5, num_classes=3, seed=7,
                             min_count=1)
     model = make_model("softmax", (5,), 3)
-    fr = make_round(model, make_algorithm("fedavg", client_lr=0.3, batch_size=4),
-                    FixedSizeSampler(10, 7), max_examples=data.max_examples)
+    fr = make_round(make_algorithm("fedavg", model, client_lr=0.3, batch_size=4),
+                    FixedSizeSampler(10, 7), observers=[P.poisoning_diagnostics()])
     _, out = fr.step(fr.init(jax.random.key(0)), data, jax.random.key(2))
     m = jax.device_get(out.metrics)
     np.testing.assert_allclose(m["honest_cosine"], 1.0, rtol=1e-5)
     np.testing.assert_allclose(m["honest_inner_product"], m["update_norm"] ** 2, rtol=1e-4)
     assert int(m["num_malicious"]) == 0 and float(m["malicious_update_norm"]) == 0.0
+
+
+def test_observers_change_nothing_but_the_metrics():
+    """The same seed gives the same model with and without the observer."""
+    data = random_federated(num_clients=10, max_examples=8, dim=5, num_classes=3, seed=7,
+                            min_count=1)
+    model = make_model("softmax", (5,), 3)
+    alg = make_algorithm("fedavg", model, client_lr=0.3, batch_size=4)
+    outs = []
+    for observers in ((), (P.poisoning_diagnostics(lambda ids: ids % 3 == 0),)):
+        fr = make_round(alg, FixedSizeSampler(10, 7), observers=observers)
+        outs.append(fr.step(fr.init(jax.random.key(0)), data, jax.random.key(2)))
+    jax.tree.map(np.testing.assert_array_equal, outs[0][0].params, outs[1][0].params)
+    assert "honest_cosine" not in outs[0][1].metrics and "honest_cosine" in outs[1][1].metrics
+    for k, v in outs[0][1].metrics.items():
+        np.testing.assert_array_equal(v, outs[1][1].metrics[k])
 
 
 # ------------------------------------------------------------------ end to end: backdoors
@@ -412,9 +457,9 @@ def digits_pretrained():
     from fedjax_sim.data.digits import digits_federated
     split = digits_federated(100, seed=0, partition="iid")
     model = make_model("softmax", (8, 8, 1), 10)
-    alg = make_algorithm("fedavg", client_lr=0.3, local_epochs=5, batch_size=10)
+    alg = make_algorithm("fedavg", model, client_lr=0.3, local_epochs=5, batch_size=10)
     sampler = FixedSizeSampler(100, 100)
-    fr = make_round(model, alg, sampler, max_examples=split.train.max_examples)
+    fr = make_round(alg, sampler)
     state = fr.init(jax.random.key(0))
     for r in range(5):
         state, _ = fr.step(state, split.train, jax.random.key(100 + r))
@@ -431,22 +476,20 @@ def test_model_replacement_backdoors_the_mean_and_norm_bounds_and_median_stop_it
     assert clean_acc > 0.85
     assert P.backdoor_success_rate(model, params, split.test_x, split.test_y, trig,
                                    target) < 0.05
-    honest = make_client_update(model, alg.client, pop.max_examples)
     # The attacker trains harder (20 local epochs) and boosts by n / eta = 100 / 1.
-    attacker_training = make_client_update(
-        model, ClientConfig(optax.sgd(0.3), local_epochs=20, batch_size=10), pop.max_examples)
+    attacker_training = _honest(model, ClientConfig(optax.sgd(0.3), local_epochs=20,
+                                                    batch_size=10))
     replacement = P.model_replacement(trig, target, 100.0)
     attack = lambda _, *args: replacement(attacker_training, *args)  # noqa: E731
-    client_update = P.make_adversarial_client_update(
-        honest, attack, P.malicious_by_permutation(100, 1, seed=0))
+    client = P.adversarial_client(alg.client, attack,
+                                  P.malicious_by_permutation(100, 1, seed=0))
     # Honest update norms here: median 1.15, max 1.35 (attacker: ~314). Bound: 3.
     defences = {"mean": S.weighted_mean(),
                 "zero_above_norm": S.chain(S.zero_above_norm(3.0), S.weighted_mean()),
                 "coordinate_median": S.coordinate_median()}
     success = {}
     for name, transform in defences.items():
-        fr = make_round(model, dataclasses.replace(alg, server_transform=transform), sampler,
-                        max_examples=pop.max_examples, client_update=client_update)
+        fr = make_round(alg.with_client(client).with_aggregator(transform), sampler)
         state = fr.init(jax.random.key(0)).replace(params=params)
         state, _ = fr.step(state, pop, jax.random.key(7))
         success[name] = P.backdoor_success_rate(model, state.params, split.test_x,
@@ -467,9 +510,9 @@ def test_centered_clipping_costs_nothing_without_attackers_on_label_skewed_data(
     acc = {}
     for name, transform in [("mean", S.weighted_mean()),
                             ("centered_clipping", S.centered_clipping(0.5, 3))]:
-        alg = make_algorithm("fedavg", client_lr=0.1, local_epochs=2, batch_size=10,
-                             server_transform=transform)
-        fr = make_round(model, alg, FixedSizeSampler(500, 40), max_examples=32)
+        alg = make_algorithm("fedavg", model, client_lr=0.1, local_epochs=2, batch_size=10,
+                             aggregator=transform)
+        fr = make_round(alg, FixedSizeSampler(500, 40))
         state = fr.init(jax.random.key(0))
         for r in range(30):
             state, _ = fr.step(state, pop, jax.random.key(1000 + r))

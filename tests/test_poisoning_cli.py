@@ -5,8 +5,8 @@ import json
 import pytest
 
 from fedjax_sim._validation import ConfigError
-from fedjax_sim.cli import main
-from fedjax_sim.config import make_config
+from fedjax_sim.experiment.cli import main
+from fedjax_sim.experiment.config import make_config
 
 SMALL = ["--num-clients", "200", "--cohort-size", "40", "--rounds", "2",
          "--max-examples", "16", "--eval-clients", "50", "--no-progress"]

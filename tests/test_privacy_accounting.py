@@ -10,12 +10,13 @@ from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 from scipy import stats
 
 from fedjax_sim._validation import ConfigError
-from fedjax_sim.privacy import (Accountant, PrivacyConfig, SamplingSpec,
-                                calibrate_noise_multiplier, dp_event,
-                                effective_noise_multiplier, epsilon_for,
-                                poisson_overflow_probability,
-                                privacy_spec_from_transform_infos)
-from fedjax_sim.server.base import ServerTransform, chain
+from fedjax_sim.privacy import (Accountant, GaussianSumNoise, PrivacyConfig, SamplingSpec,
+                                TreeAggregationNoise, calibrate_noise_multiplier, dp_event,
+                                effective_noise_multiplier, epsilon_for, ledger_for,
+                                poisson_overflow_probability)
+from fedjax_sim.server import (Stage, StageKind, chain, clip_per_client,
+                               dp_fedavg_aggregator, dp_mean_normalize, gaussian_noise,
+                               sum_updates)
 
 Rel = dp_accounting.NeighboringRelation
 
@@ -133,6 +134,10 @@ def test_fixed_size_versus_poisson():
     assert bigger < fixed
     assert SamplingSpec.fixed(100, 10_000).neighboring_relation is Rel.REPLACE_ONE
     assert SamplingSpec.poisson(0.01).neighboring_relation is Rel.ADD_OR_REMOVE_ONE
+    cyclic = SamplingSpec.cyclic(30, 100)
+    assert cyclic.neighboring_relation is Rel.REPLACE_SPECIAL
+    assert cyclic.rounds_per_pass == 3 and cyclic.expected_cohort == 30.0
+    assert cyclic.sampling_probability == pytest.approx(0.3)
 
 
 def test_adaptive_clipping_effective_noise_multiplier():
@@ -146,63 +151,160 @@ def test_adaptive_clipping_effective_noise_multiplier():
     two = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.ComposedDpEvent(
         [dp_accounting.GaussianDpEvent(z_u), dp_accounting.GaussianDpEvent(2 * sb)]))
     want = _direct_epsilon(two, rounds, delta, Rel.ADD_OR_REMOVE_ONE)
-    fused = {"name": "adaptive_clipped_gaussian_sum", "noise_multiplier": z,
-             "update_noise_multiplier": z_u, "count_noise_std": sb, "count_sensitivity": 0.5,
-             "initial_clip_norm": 0.1, "sensitivity": None}
-    cfg = privacy_spec_from_transform_infos([fused, {"name": "dp_mean_normalize"}],
-                                            SamplingSpec.poisson(q))
-    assert cfg.noise_multiplier == pytest.approx(z, rel=1e-12)
-    assert epsilon_for(rounds, cfg, delta) == pytest.approx(want, rel=1e-9)
-    with pytest.raises(ConfigError, match="^noise_multiplier="):  # the ledger must not drift
-        privacy_spec_from_transform_infos([dict(fused, noise_multiplier=1.2)],
-                                          SamplingSpec.poisson(q))
+    # A fused adaptive reducer (the noise scales with its own clip norm: sensitivity None).
+    fused = _reducer("adaptive_clipped_gaussian_sum", bound="state", unit_sum=True,
+                     mechanism=GaussianSumNoise(z, None, z_u, sb))
+    ledger = ledger_for(chain(fused, _aggregate("dp_mean_normalize")),
+                        SamplingSpec.poisson(q))
+    assert isinstance(ledger, Accountant)
+    assert ledger.noise_multiplier == pytest.approx(z, rel=1e-12)
+    ledger.record_round(rounds)
+    assert ledger.epsilon(delta) == pytest.approx(want, rel=1e-9)
+    with pytest.raises(ConfigError, match="^noise_multiplier=.*disagrees with the effective"):
+        GaussianSumNoise(1.2, None, z_u, sb)  # the ledger must not drift from the stage
+    with pytest.raises(ConfigError, match="^count_noise_std=.*needs both"):
+        GaussianSumNoise(z, None, z_u, None)
 
 
-def _tx(**info):
-    return ServerTransform(lambda p: (), lambda v, s: (v, s), info)
+# Hypothetical chains: typed stages built directly, with only what the ledger reads.
+
+def _identity(value, state):
+    return value, state
 
 
-def test_spec_from_chained_transform():
-    clip = _tx(name="clip_per_client", clip_norm=1.0, sensitivity=1.0)
-    noise = _tx(name="gaussian_noise", noise_multiplier=1.3, sensitivity=1.0, noise_std=1.3)
-    tx = chain(clip, _tx(name="sum_updates"), noise, _tx(name="dp_mean_normalize"))
-    cfg = privacy_spec_from_transform_infos(tx, SamplingSpec.poisson(0.1), delta=1e-6)
-    assert cfg == PrivacyConfig(1.3, SamplingSpec.poisson(0.1), "rdp", 1e-6)
+def _client(name, *, bound=None, preserves_bound=False):
+    return Stage(name, StageKind.CLIENT, apply=lambda c, s: c, bound=bound,
+                 bound_of=(lambda st: 1.0) if bound == "state" else None,
+                 preserves_bound=preserves_bound or bound is not None)
+
+
+def _reducer(name, *, unit_sum=False, bound=None, mechanism=None):
+    return Stage(name, StageKind.REDUCE, partial=lambda c, s: c.updates,
+                 finalize=lambda t, s: (t, s), unit_sum=unit_sum, bound=bound,
+                 bound_of=(lambda st: 1.0) if bound == "state" else None,
+                 mechanism=mechanism)
+
+
+def _aggregate(name, mechanism=None):
+    return Stage(name, StageKind.AGGREGATE, apply=_identity, mechanism=mechanism)
+
+
+def _noise(z=1.3, s=1.0):
+    return _aggregate("gaussian_noise", GaussianSumNoise(z, s))
+
+
+def test_ledger_from_hypothetical_chain():
+    clip = _client("clip_per_client", bound=1.0)
+    tx = chain(clip, _reducer("sum_updates", unit_sum=True), _noise(),
+               _aggregate("dp_mean_normalize"))
+    ledger = ledger_for(tx, SamplingSpec.poisson(0.1), delta=1e-6)
+    assert isinstance(ledger, Accountant)
+    assert ledger.config == PrivacyConfig(1.3, SamplingSpec.poisson(0.1), "rdp", 1e-6)
+    # A stage alone works too (no mechanism: no ledger).
+    assert ledger_for(clip, SamplingSpec.poisson(0.1)) is None
     # Noise calibrated to a different bound than the clipping enforces: z = std / bound.
-    loose = chain(_tx(name="clip_per_client", clip_norm=2.0, sensitivity=2.0), noise)
-    assert privacy_spec_from_transform_infos(
-        loose, SamplingSpec.poisson(0.1)).noise_multiplier == pytest.approx(0.65)
-    zero_above = [{"name": "zero_above_norm", "max_norm": 0.5, "sensitivity": 0.5},
-                  noise.info]
-    assert privacy_spec_from_transform_infos(
-        zero_above, SamplingSpec.poisson(0.1)).noise_multiplier == pytest.approx(2.6)
+    loose = chain(_client("clip_per_client", bound=2.0), _reducer("sum_updates", unit_sum=True),
+                  _noise())
+    assert ledger_for(loose, SamplingSpec.poisson(0.1)).noise_multiplier == pytest.approx(0.65)
+    zero_above = chain(_client("zero_above_norm", bound=0.5),
+                       _reducer("sum_updates", unit_sum=True), _noise())
+    assert ledger_for(zero_above,
+                      SamplingSpec.poisson(0.1)).noise_multiplier == pytest.approx(2.6)
+    # Several bounds: the tightest one holds (a filter then a clip).
+    both = chain(_client("zero_above_norm", bound=4.0), _client("clip_per_client", bound=1.3),
+                 _client("top_k_sparsify", preserves_bound=True),
+                 _reducer("sum_updates", unit_sum=True), _noise())
+    assert ledger_for(both, SamplingSpec.poisson(0.1)).noise_multiplier == pytest.approx(1.0)
+    # Fixed-size sampling and the PLD accountant reach the ledger's config.
+    fixed = ledger_for(tx, SamplingSpec.fixed(10, 100))
+    assert fixed.config.sampling == SamplingSpec.fixed(10, 100)
+    assert ledger_for(tx, SamplingSpec.poisson(0.1), accountant="pld").config.accountant == "pld"
 
 
-def test_spec_from_real_dp_fedavg_aggregator():
-    noise_mod = pytest.importorskip("fedjax_sim.server.noise")
+def test_ledger_from_real_dp_fedavg_aggregator():
     import jax
     for adaptive in (False, True):
-        tx = noise_mod.dp_fedavg_aggregator(0.5, 1.1, 100.0, key=jax.random.key(0),
-                                            adaptive=adaptive)
-        cfg = privacy_spec_from_transform_infos(tx, SamplingSpec.poisson(0.01))
-        assert cfg.noise_multiplier == pytest.approx(1.1, rel=1e-9)
+        tx = dp_fedavg_aggregator(0.5, 1.1, 100.0, key=jax.random.key(0), adaptive=adaptive)
+        ledger = ledger_for(tx, SamplingSpec.poisson(0.01), delta=1e-5)
+        assert ledger.noise_multiplier == pytest.approx(1.1, rel=1e-9)
+        ledger.record_round(10)
+        assert ledger.epsilon() == pytest.approx(
+            epsilon_for(10, PrivacyConfig(1.1, SamplingSpec.poisson(0.01)), 1e-5), rel=1e-9)
+        summary = ledger.summary()
+        assert summary["dp"] and summary["rounds"] == 10
+        assert summary["noise_multiplier"] == pytest.approx(1.1, rel=1e-9)
+        assert summary["adjacency"] == "add/remove one client"
+        assert summary["statement"].startswith("client-level (")
+    # Noise scaled to a looser sensitivity than the clip: accounted at z * S / clip.
+    loose = chain(clip_per_client(0.5), sum_updates(),
+                  gaussian_noise(1.1, 1.0, key=jax.random.key(1)), dp_mean_normalize(10.0))
+    assert ledger_for(loose, SamplingSpec.poisson(0.01)).noise_multiplier == pytest.approx(2.2)
+    # No noise (or z = 0, which adds none): no ledger, no formal guarantee.
+    assert ledger_for(chain(clip_per_client(0.5), sum_updates()),
+                      SamplingSpec.poisson(0.01)) is None
+    assert ledger_for(chain(clip_per_client(0.5), sum_updates(),
+                            gaussian_noise(0.0, 0.5, key=jax.random.key(1))),
+                      SamplingSpec.poisson(0.01)) is None
 
 
-@pytest.mark.parametrize("infos,field", [
-    ([{"name": "clip", "clip_norm": 1.0}], "infos"),
-    ([{"name": "noise", "noise_multiplier": 1.0, "sensitivity": 1.0}], "infos"),
-    ([{"name": "a", "noise_multiplier": 1.0, "clip_norm": 1.0},
-      {"name": "b", "noise_multiplier": 2.0}], "infos"),
-    ([{"name": "adaptive_clip", "count_noise_std": 5.0, "sensitivity": None},
-      {"name": "gaussian_noise", "noise_multiplier": 1.0, "sensitivity": 1.0}], "infos"),
-    ([{"name": "dp_ftrl_tree", "noise_multiplier": 1.0, "clip_norm": 1.0,
-       "max_rounds": 8}], "infos"),
-    ([{"name": "clip", "clip_norm": 1.0},
-      {"name": "noise", "noise_multiplier": 0.0, "sensitivity": 1.0}], "noise_multiplier"),
+def _tree(z=1.0, clip=1.0, max_rounds=8):
+    return _aggregate("dp_ftrl_tree", TreeAggregationNoise(z, clip, max_rounds))
+
+
+@pytest.mark.parametrize("stages,field,reason", [
+    # Noise but nothing bounds a client.
+    (lambda: (_reducer("sum_updates", unit_sum=True), _noise(1.0, 1.0)), "server_chain",
+     "no stage bounds a client's contribution"),
+    # Two noise stages: which one to account?
+    (lambda: (_client("clip", bound=1.0), _reducer("sum_updates", unit_sum=True),
+              _aggregate("a", GaussianSumNoise(1.0, 1.0)),
+              _aggregate("b", GaussianSumNoise(2.0, 1.0))), "server_chain",
+     "more than one stage adds DP noise"),
+    (lambda: (_client("clip", bound=1.0), _reducer("sum_updates", unit_sum=True), _noise(),
+              _tree()), "server_chain", "more than one stage adds DP noise"),
+    # Adaptive clipping (a bound in the state) under noise scaled to a fixed sensitivity.
+    (lambda: (_client("adaptive_clip", bound="state"), _reducer("sum_updates", unit_sum=True),
+              _noise(1.0, 1.0)), "server_chain", "adaptive clipping has no fixed bound"),
+    # DP-FTRL tree noise is not a sampled Gaussian: it needs the cyclic schedule.
+    (lambda: (_client("clip", bound=1.0), _reducer("sum_updates", unit_sum=True), _tree()),
+     "sampling", "only under a cyclic schedule"),
+    # The reducer's sensitivity is not the clip bound.
+    (lambda: (_client("clip", bound=1.0), _reducer("weighted_mean"), _noise()),
+     "server_chain", "needs an unweighted sum before it"),
+    (lambda: (_client("clip", bound=1.0), Stage("coordinate_median", StageKind.REDUCE,
+                                                  apply=_identity), _noise()),
+     "server_chain", "needs an unweighted sum before it"),
+    # A stage after the clipping that may raise a client's norm (a quantiser).
+    (lambda: (_client("clip", bound=1.0), _client("stochastic_quantize"),
+              _reducer("sum_updates", unit_sum=True), _noise()),
+     "server_chain", "'stochastic_quantize' comes after the clipping"),
 ])
-def test_spec_from_infos_rejects(infos, field):
-    with pytest.raises(ConfigError, match=f"^{field}="):
-        privacy_spec_from_transform_infos(infos, SamplingSpec.poisson(0.1))
+def test_ledger_rejects(stages, field, reason):
+    with pytest.raises(ConfigError) as err:
+        ledger_for(chain(*stages()), SamplingSpec.poisson(0.1))
+    msg = str(err.value)
+    assert msg.startswith(f"{field}=") and reason in msg and "\n" not in msg, msg
+
+
+def test_ledger_rejects_noise_before_the_reducer_and_zero_noise():
+    # A chain cannot put noise before its reducer (chain() refuses the order); a lone noise
+    # stage, or a reducer-less chain with noise, has no sum for the noise to protect.
+    noise = _noise()
+    with pytest.raises(ConfigError, match="^server_chain=.*noise before any reducer"):
+        ledger_for(noise, SamplingSpec.poisson(0.1))
+    with pytest.raises(ConfigError, match="^server_chain=.*noise before any reducer"):
+        ledger_for(chain(_client("clip", bound=1.0), noise), SamplingSpec.poisson(0.1))
+    # A noise multiplier of 0 is no mechanism at all.
+    with pytest.raises(ConfigError, match="^noise_multiplier="):
+        GaussianSumNoise(0.0, 1.0)
+    with pytest.raises(ConfigError, match="^noise_multiplier="):
+        TreeAggregationNoise(0.0, 1.0, 8)
+    # A sampled Gaussian cannot be accounted under a cyclic schedule (no amplification).
+    tx = chain(_client("clip", bound=1.0), _reducer("sum_updates", unit_sum=True), noise)
+    with pytest.raises(ConfigError, match="^sampling='cyclic'.*no sampling to amplify"):
+        ledger_for(tx, SamplingSpec.cyclic(10, 100))
+    with pytest.raises(ConfigError, match="^accountant="):
+        ledger_for(tx, SamplingSpec.poisson(0.1), accountant="gdp")
 
 
 @pytest.mark.parametrize("build,field", [
@@ -213,6 +315,13 @@ def test_spec_from_infos_rejects(infos, field):
     (lambda: SamplingSpec.fixed(0, 10), "sampling.cohort_size"),
     (lambda: SamplingSpec("fixed", cohort_size=3), "sampling.population_size"),
     (lambda: SamplingSpec("uniform", rate=0.1), "sampling.kind"),
+    (lambda: SamplingSpec.cyclic(11, 10), "sampling.cohort_size"),
+    (lambda: SamplingSpec("cyclic", rate=0.1, cohort_size=2, population_size=10),
+     "sampling.rate"),
+    (lambda: SamplingSpec("cyclic", cohort_size=3), "sampling.population_size"),
+    (lambda: SamplingSpec.poisson(0.1).rounds_per_pass, "sampling"),
+    (lambda: PrivacyConfig(1.0, SamplingSpec.cyclic(5, 10)), "sampling"),
+    (lambda: dp_event(1.0, SamplingSpec.cyclic(5, 10)), "sampling"),
     (lambda: PrivacyConfig(0.0, SamplingSpec.poisson(0.1)), "noise_multiplier"),
     (lambda: PrivacyConfig(1.0, SamplingSpec.poisson(0.1), accountant="gdp"), "accountant"),
     (lambda: PrivacyConfig(1.0, SamplingSpec.poisson(0.1), delta=1.0), "delta"),

@@ -1,16 +1,17 @@
 """The ``privacy`` subcommand, driven through an in-process argparse parser."""
 
-import argparse
 import json
 
 import pytest
 
+from fedjax_sim.experiment import privacy_cli as cli
+from fedjax_sim.experiment.cli import main
+from fedjax_sim.experiment.flags import ArgumentParser
 from fedjax_sim.privacy import (PrivacyConfig, SamplingSpec, dp_ftrl_epsilon, epsilon_for)
-from fedjax_sim.privacy import cli
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="fedjax-sim")
+    parser = ArgumentParser(prog="fedjax-sim")
     cli.add_parser(parser.add_subparsers(dest="command"))
     return parser
 
@@ -74,7 +75,7 @@ def test_dp_ftrl_mechanism(capsys):
 
 @pytest.mark.parametrize("argv,field", [
     (["--noise-multiplier", "1", "--sampling", "poisson", "--rate", "1.5", "--rounds", "10",
-      "--delta", "1e-5"], "sampling.rate"),
+      "--delta", "1e-5"], "sampling_rate"),
     (["--noise-multiplier", "1", "--sampling", "poisson", "--rounds", "10",
       "--delta", "1e-5"], "--rate"),
     (["--noise-multiplier", "0", *BASE], "noise_multiplier"),
@@ -102,3 +103,20 @@ def test_noise_and_target_are_exclusive(capsys):
                               *BASE])
     assert e.value.code == 2
     capsys.readouterr()
+    rc, out, err = _run(BASE, capsys)  # neither: one line naming the choice
+    assert rc == 2 and err.startswith("fedjax-sim privacy: error: --noise-multiplier=None")
+
+
+def test_flags_come_from_the_run_schema(capsys):
+    """The shared flags carry the run's help and range, and the run's flat names work."""
+    with pytest.raises(SystemExit):
+        main(["privacy", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--sampling-rate FLOAT, --rate FLOAT" in text
+    assert "--num-clients INT, --population INT" in text
+    assert "in (0, 1]" in text
+    rc, out, _ = _run(["--noise-multiplier", "1.1", "--sampling", "poisson",
+                       "--sampling-rate", "0.01", "--rounds", "1000", "--delta", "1e-5",
+                       "--json"], capsys)
+    want = epsilon_for(1000, PrivacyConfig(1.1, SamplingSpec.poisson(0.01)), 1e-5)
+    assert rc == 0 and json.loads(out)["epsilon"] == pytest.approx(want, rel=1e-12)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from fedjax_sim import _trees
 from fedjax_sim import server as S
 from fedjax_sim._validation import ConfigError
 from fedjax_sim.server import pairwise as krum_lib
@@ -220,9 +221,11 @@ def test_chain_matches_hand_composition():
         out, state = jax.jit(chained.update)(make_cohort(seed), state)
         hand, hand_state = jax.jit(by_hand)(make_cohort(seed), hand_state)
         np.testing.assert_allclose(flat(out), flat(hand), rtol=1e-6, atol=1e-6)
-    assert [i["name"] for i in S.transform_infos(chained)] == [
-        "clip_per_client", "stochastic_quantize", "trimmed_mean", "gaussian_noise",
-        "dp_mean_normalize"]
+    assert chained.names == ("clip_per_client", "stochastic_quantize", "trimmed_mean",
+                             "gaussian_noise", "dp_mean_normalize")
+    assert [s.kind for s in chained.stages] == [
+        S.StageKind.CLIENT, S.StageKind.CLIENT, S.StageKind.REDUCE, S.StageKind.AGGREGATE,
+        S.StageKind.AGGREGATE]
 
 
 @pytest.mark.parametrize("build,field", [
@@ -257,3 +260,72 @@ def test_cohort_too_small_is_caught_at_trace_time(build, needed):
         jax.jit(t.update)(make_cohort(), ())
     with pytest.raises(ConfigError, match="num_selected"):
         jax.jit(S.multi_krum(1, C + 1).update)(make_cohort(), ())
+
+
+# ----- fedjax_sim._trees: norms and finiteness (the one home of both) -----
+
+def _np_norms(updates):
+    """float64 NumPy L2 norm of each client's whole upload (all leaves together)."""
+    return np.sqrt(sum((np.asarray(u, np.float64).reshape(u.shape[0], -1) ** 2).sum(1)
+                       for u in jax.tree.leaves(updates)))
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1.0, 1e10, 1e25, 1e30])
+def test_norms_agree_with_numpy_float64_and_never_overflow(scale):
+    rng = np.random.default_rng(int(np.log10(scale)) + 40)
+    updates = {"w": (rng.normal(size=(7, 4, 3)) * scale).astype(np.float32),
+               "b": (rng.normal(size=(7, 5)) * scale).astype(np.float32)}
+    updates["w"][2] = 0.0  # a client whose first leaf is zero
+    updates = jax.tree.map(jnp.asarray, updates)
+    want = _np_norms(updates)
+    assert np.all(np.isfinite(want))
+    per_client = np.asarray(jax.jit(_trees.per_client_l2_norms)(updates), np.float64)
+    assert np.all(np.isfinite(per_client))
+    np.testing.assert_allclose(per_client, want, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(S.per_client_l2_norms(updates)), per_client)
+    # l2_norm of one client's tree and of the whole stacked tree.
+    for c in range(7):
+        one = jax.tree.map(lambda u: u[c], updates)
+        norm = float(jax.jit(_trees.l2_norm)(one))
+        assert np.isfinite(norm)
+        assert norm == pytest.approx(want[c], rel=1e-5)
+    total = float(_trees.l2_norm(updates))
+    assert np.isfinite(total) and total == pytest.approx(np.sqrt((want ** 2).sum()), rel=1e-5)
+
+
+def test_norms_around_1e25_are_finite_where_squaring_overflows():
+    x = jnp.full((3, 1000), 1e25, jnp.float32)
+    assert not np.isfinite(float(jnp.sum(jnp.square(x[0]))))  # the naive sum overflows
+    norms = np.asarray(_trees.per_client_l2_norms({"x": x}))
+    assert np.all(np.isfinite(norms))
+    np.testing.assert_allclose(norms, 1e25 * np.sqrt(1000), rtol=1e-5)
+    assert float(_trees.l2_norm({"x": x})) == pytest.approx(1e25 * np.sqrt(3000), rel=1e-5)
+    # Clipping such a client lands on the bound (no inf / NaN from the norm).
+    out, _ = S.clip_per_client(1.0).update(
+        S.CohortUpdates({"x": x}, jnp.ones(3), jnp.ones(3, bool)), ())
+    np.testing.assert_allclose(np.asarray(S.per_client_l2_norms(out.updates)), 1.0, rtol=1e-5)
+
+
+def test_norms_of_zero_vectors_are_zero():
+    zeros = {"w": jnp.zeros((4, 3, 2)), "b": jnp.zeros((4, 5))}
+    np.testing.assert_array_equal(np.asarray(_trees.per_client_l2_norms(zeros)), 0.0)
+    assert float(_trees.l2_norm(zeros)) == 0.0
+    assert float(_trees.l2_norm({"w": jnp.zeros((3,))})) == 0.0
+    assert float(_trees.l2_norm({})) == 0.0  # the empty tree
+    # One zero client among nonzero ones: 0 for it, the others unaffected.
+    mixed = {"w": jnp.asarray([[0.0, 0.0], [3.0, 4.0]]), "b": jnp.asarray([[0.0], [12.0]])}
+    np.testing.assert_allclose(np.asarray(_trees.per_client_l2_norms(mixed)), [0.0, 13.0],
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_all_finite_flags_nan_and_inf(bad):
+    tree = {"w": jnp.ones((3, 2)), "b": jnp.zeros((4,))}
+    assert bool(_trees.all_finite(tree))
+    assert bool(_trees.all_finite({}))  # the empty tree is finite
+    for leaf in ("w", "b"):
+        broken = dict(tree)
+        broken[leaf] = tree[leaf].reshape(-1).at[1].set(bad).reshape(tree[leaf].shape)
+        assert not bool(jax.jit(_trees.all_finite)(broken))
+    # Huge but finite values are finite.
+    assert bool(_trees.all_finite({"x": jnp.full((2,), 3e38, jnp.float32)}))

@@ -15,14 +15,15 @@ SCRIPT = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np
     from fedjax_sim.algorithms import make_algorithm
-    from fedjax_sim.cohort import client_mesh
+    from fedjax_sim.cohort import client_mesh, mesh_for
     from fedjax_sim.data.label_skew import procedural_label_skew
     from fedjax_sim.models import make_model
     from fedjax_sim.rounds import make_round
     from fedjax_sim.sampling import FixedSizeSampler, PoissonSampler
-    from fedjax_sim.server import coordinate_median, dp_fedavg_aggregator
+    from fedjax_sim.server import coordinate_median, dp_fedavg_aggregator, weighted_mean
 
     assert jax.device_count() == 4, jax.devices()
+    assert mesh_for(1) is None and mesh_for(4).shape["clients"] == 4
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, secs, **kw: compiles.append(event)
@@ -31,16 +32,17 @@ SCRIPT = textwrap.dedent("""
                                 max_examples=12, min_examples=2)
     model = make_model("mlp", (8,), 4, hidden=(16,))
     results = {}
-    for name, sampler, transform in (
-            ("fixed", FixedSizeSampler(500, 30), None),
+    for name, sampler, aggregator in (
+            ("fixed", FixedSizeSampler(500, 30), weighted_mean()),
             ("poisson_dp", PoissonSampler(500, 0.05),
              dp_fedavg_aggregator(1.0, 1.0, 25, key=jax.random.key(7))),
             ("median", FixedSizeSampler(500, 30), coordinate_median())):
-        alg = make_algorithm("fedadam", client_lr=0.1, local_epochs=1, batch_size=4,
-                             server_transform=transform)
+        alg = make_algorithm("fedadam", model, client_lr=0.1, local_epochs=1, batch_size=4,
+                             aggregator=aggregator)
         params = {}
         for mesh in (None, client_mesh()):
-            fr = make_round(model, alg, sampler, max_examples=12, chunk_size=4, mesh=mesh)
+            fr = make_round(alg, sampler, chunk_size=4, mesh=mesh)
+            results[name + "_streaming"] = fr.streaming
             state = fr.init(jax.random.key(0))
             state, out = fr.step(state, pop, jax.random.key(0))
             before = len(compiles)
@@ -74,6 +76,9 @@ def test_sharded_round_equals_single_device():
     assert res["fixed"] < 1e-5, res
     assert res["poisson_dp"] < 1e-5, res  # the noise key in the server state, too
     assert res["median"] < 1e-5, res
+    # The sums reduce chunk by chunk (psum over devices), the median from the stacked cohort.
+    assert res["fixed_streaming"] and res["poisson_dp_streaming"]
+    assert not res["median_streaming"]
     # Round 2 reuses round 1's program: the state keeps its sharding across rounds.
     assert all(res[f"{name}_{where}_recompiles"] == 0 for name in ("fixed", "poisson_dp",
                "median") for where in ("single", "sharded")), res

@@ -42,3 +42,7 @@ __all__ = ["DLG_DEFAULTS", "IG_DEFAULTS", "ImprintConfig", "InversionConfig", "L
            "measurement_direction", "mse", "observed_updates", "predicted_recovery_rate",
            "psnr", "read_off_bins", "read_off_next_round", "recover_labels",
            "replacement_update", "simulate_update", "ssim", "victim_updates"]
+
+# The ready-made experiments, the sweep and the plots, as ``fedjax_sim.attacks.lab`` etc.
+# for scripts and notebooks that import only the package face (``import fedjax_sim as fs``).
+from fedjax_sim.attacks import lab, plots, sweep  # noqa: E402

@@ -30,7 +30,7 @@ from fedjax_sim.attacks.metrics import (evaluate_victims, label_count_accuracy,
 from fedjax_sim.attacks.updates import LocalTraining, observed_updates, victim_updates
 from fedjax_sim.data.digits import digits_train_test, load_digits_arrays
 from fedjax_sim.models import make_model
-from fedjax_sim.server.base import per_client_l2_norms
+from fedjax_sim._trees import per_client_l2_norms
 
 INVERSION_ATTACKS = ("ig", "dlg", "closed_form")
 EDGE_SOURCES = ("public", "known", "gaussian")

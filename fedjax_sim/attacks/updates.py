@@ -1,7 +1,7 @@
 """What an attacker observes: victims' updates, their differentiable simulation, defences.
 
 Victims train with the engine's own one-client update
-(:func:`fedjax_sim.client_update.make_client_update`, local SGD), vmapped over victims, so
+(:func:`fedjax_sim.client_update.make_local_update`, local SGD), vmapped over victims, so
 the lab attacks exactly what the simulator's clients send. An optimisation attack needs
 the victim's local training as a *differentiable* function of guessed data; that is
 :func:`simulate_update`: the same local SGD (mean loss per mini-batch, ``local_epochs``
@@ -31,7 +31,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from fedjax_sim._validation import check_float, check_int, fail
-from fedjax_sim.client_update import ClientConfig, make_client_update
+from fedjax_sim.client_update import ClientConfig, make_local_update
 from fedjax_sim.data.federated import ClientData
 from fedjax_sim.models import Model
 from fedjax_sim.server.base import CohortUpdates, zero_masked
@@ -141,13 +141,13 @@ def victim_updates(model: Model, params: PyTree, x: jax.Array, y: jax.Array,
 
 @functools.lru_cache(maxsize=32)
 def _victim_updates_fn(model: Model, local: LocalTraining, batch: int):
-    client_update = make_client_update(model, local.client_config(), batch)
+    local_update = make_local_update(model, local.client_config())
 
     def run(params, x, y, key):
         def one(xv, yv, v):
             data = ClientData(x=xv, y=yv, mask=jnp.ones((batch,), bool),
                               client_id=v.astype(jnp.int32))
-            return client_update(params, data, jax.random.fold_in(key, v)).delta
+            return local_update(params, data, jax.random.fold_in(key, v)).delta
         return jax.vmap(one)(x, y, jnp.arange(y.shape[0]))
 
     return jax.jit(run)

@@ -1,30 +1,31 @@
 """Malicious clients inside the vmapped round: data poisoning and model poisoning.
 
-An *attack* is a pure one-client function with the signature of an honest client update
-plus the honest update itself::
+An adversary wraps a client program (:class:`~fedjax_sim.algorithms.ClientProgram`), so
+it works with any algorithm (FedAvg, SCAFFOLD, ...). An *attack* is a pure one-client
+function with the signature of the program's update plus the honest update itself::
 
-    attack(honest_update, params, data, key, client_state) -> ClientOutput
+    attack(honest_update, message, data, key, state) -> ClientResult
 
 It may train on poisoned data (by calling ``honest_update`` on modified ``data``) and/or
-rewrite the resulting delta. Every attack of this module is a :class:`StagedAttack`: a
-``poison(data, key)`` stage before the client's own training and a ``rewrite(out, key)``
-stage after it. :func:`make_adversarial_client_update` then trains every client ONCE:
-on its poisoned data if it is malicious, on its own data otherwise (a per-client
-``jnp.where`` on the data), and rewrites the malicious clients' outputs, so an attacked
-round costs about what an honest one does. Any other callable with the signature above
-also works; then both the honest and the attack's update are computed for every client
-and one is selected per client. Either way it is one vmapped round, no Python loop over
-clients, and a padding client (id ``-1``) is never malicious.
+rewrite the resulting upload. Every attack of this module is a :class:`StagedAttack`: a
+``poison(data, key)`` stage before the client's own training and a ``rewrite(result,
+key)`` stage after it. :func:`adversarial_client` then trains every client ONCE: on its
+poisoned data if it is malicious, on its own data otherwise (a per-client ``jnp.where``
+on the data), and rewrites the malicious clients' results, so an attacked round costs
+about what an honest one does. Any other callable with the signature above also works;
+then both the honest and the attack's result are computed for every client and one is
+selected per client. Either way it is one vmapped round, no Python loop over clients, and
+a padding client (id ``-1``) is never malicious.
 
 Which clients are malicious is a pure function of the population id
 (:func:`malicious_by_permutation`), so the adversary is the same set of clients in every
 round and a client's role does not depend on who else was sampled.
 
-Omniscient attacks (A Little Is Enough, inner-product manipulation) need the round's honest
-updates, which a single client never sees. They are modelled as a colluding stage on the
-server's side of the wire (:mod:`fedjax_sim.poisoning.omniscient`): the malicious clients
-tag their upload and a per-client server transform placed *first* in the chain overwrites
-the tagged rows from the honest rows' statistics, before any defence runs.
+Omniscient attacks (A Little Is Enough, inner-product manipulation) need the round's
+honest uploads, which a single client never sees. They are a colluding ``COHORT`` stage
+on the server's side of the wire (:mod:`fedjax_sim.poisoning.omniscient`) that receives
+the honest uploads as an explicit argument and overwrites the malicious clients' rows,
+before any defence runs; the malicious clients themselves train honestly.
 """
 
 from __future__ import annotations
@@ -37,33 +38,26 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sim._threefry import stream_bits
+from fedjax_sim._trees import l2_norm
 from fedjax_sim._validation import check_float, check_int, fail
-from fedjax_sim.client_update import ClientOutput, ClientUpdateFn
+from fedjax_sim.algorithms.base import ClientProgram, ClientResult
 from fedjax_sim.data.federated import ClientData
 
 PyTree = Any
-Attack = Callable[[ClientUpdateFn, PyTree, ClientData, jax.Array, PyTree], ClientOutput]
+ClientUpdate = Callable[[PyTree, ClientData, jax.Array, PyTree], ClientResult]
+Attack = Callable[[ClientUpdate, PyTree, ClientData, jax.Array, PyTree], ClientResult]
 Trigger = Callable[[jax.Array], jax.Array]
 
 ATTACK_NAMES = ("none", "label_flip", "backdoor", "model_replacement", "constrain_scale",
                 "sign_flip", "gaussian", "alie", "ipm")
 
 
-def _tree_norm(tree: PyTree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
-                        for x in jax.tree.leaves(tree)))
-
-
 def _scale(tree: PyTree, s: jax.Array | float) -> PyTree:
     return jax.tree.map(lambda x: (x * s).astype(x.dtype), tree)
 
 
-def _finite(tree: PyTree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-def _with_delta(out: ClientOutput, delta: PyTree) -> ClientOutput:
-    return out._replace(delta=delta, finite=_finite(delta))
+def _with_upload(out: ClientResult, upload: PyTree) -> ClientResult:
+    return out._replace(upload=upload)
 
 
 def _select(flag: jax.Array, bad: PyTree, good: PyTree) -> PyTree:
@@ -72,12 +66,12 @@ def _select(flag: jax.Array, bad: PyTree, good: PyTree) -> PyTree:
 
 @dataclasses.dataclass(frozen=True)
 class StagedAttack:
-    """An attack around the client's own honest training: poison its data, rewrite its output.
+    """An attack around the client's own honest training: poison its data, rewrite its result.
 
     Attributes:
       poison: ``(data, key) -> data`` with the same structure, shapes and dtypes (None:
         train on the client's own data).
-      rewrite: ``(out, key) -> ClientOutput`` applied to the output of training on the
+      rewrite: ``(result, key) -> ClientResult`` applied to the result of training on the
         (poisoned) data (None: send it as is).
 
     Called with the generic attack signature it runs poison, ``honest_update`` and
@@ -85,12 +79,12 @@ class StagedAttack:
     """
 
     poison: Callable[[ClientData, jax.Array], ClientData] | None = None
-    rewrite: Callable[[ClientOutput, jax.Array], ClientOutput] | None = None
+    rewrite: Callable[[ClientResult, jax.Array], ClientResult] | None = None
 
-    def __call__(self, honest_update, params, data, key, client_state=()):
+    def __call__(self, honest_update, message, data, key, state=()):
         if self.poison is not None:
             data = self.poison(data, key)
-        out = honest_update(params, data, key, client_state)
+        out = honest_update(message, data, key, state)
         return out if self.rewrite is None else self.rewrite(out, key)
 
 
@@ -160,61 +154,62 @@ def malicious_count(num_clients: int, *, num_malicious: int | None = None,
 
 # --------------------------------------------------------------------- the wrapper
 
-def make_adversarial_client_update(honest_update: ClientUpdateFn, attack: Attack,
-                                   is_malicious: Callable[[jax.Array], jax.Array]
-                                   ) -> ClientUpdateFn:
-    """A one-client function where adversarial clients send the attack's update.
+def adversarial_client(program: ClientProgram, attack: Attack,
+                       is_malicious: Callable[[jax.Array], jax.Array]) -> ClientProgram:
+    """``program`` where adversarial clients send the attack's result.
 
     Malicious means ``is_malicious(data.client_id)``; padding clients (id ``-1``) are
     always honest, so masks are honoured. Under vmap a branch is a select, so:
 
     * a :class:`StagedAttack` (every attack of this module) costs one local training per
       client: the client trains on ``where(malicious, poison(data), data)`` with its own
-      key, and malicious clients' outputs go through ``rewrite``; both stages get
+      key, and malicious clients' results go through ``rewrite``; both stages get
       ``fold_in(key, 0x5eed)``.
     * any other attack callable runs next to the honest update for every client and one
-      output is selected per client. The ``honest_update`` it receives returns the
-      already computed honest output when called on the client's own ``params``,
-      ``data`` and ``client_state`` objects (any key), so only attacks that train on
-      other data pay a second training pass.
+      result is selected per client. The ``honest_update`` it receives returns the
+      already computed honest result when called on the client's own ``message``,
+      ``data`` and ``state`` objects (any key), so only attacks that train on other data
+      pay a second training pass.
+
+    The wrapped program keeps ``program``'s per-client state and upload structure.
 
     Args:
-      honest_update: the honest one-client function (e.g. ``make_client_update(...)``).
+      program: the honest client program (any algorithm's).
       attack: the attack (see module docstring).
       is_malicious: pure predicate on the population id.
 
     Returns:
-      ``client_update(params, data, key, client_state) -> ClientOutput``; pass it to
-      ``make_round(..., client_update=...)``.
+      The adversarial :class:`~fedjax_sim.algorithms.ClientProgram`.
     """
+    honest_update = program.update
 
     if isinstance(attack, StagedAttack):
-        def staged_client_update(params, data: ClientData, key, client_state=()):
+        def staged_update(message, data: ClientData, key, state=()):
             flag = is_malicious(data.client_id) & (data.client_id >= 0)
             attack_key = jax.random.fold_in(key, 0x5eed)
             if attack.poison is not None:
                 data = _select(flag, attack.poison(data, attack_key), data)
-            out = honest_update(params, data, key, client_state)
+            out = honest_update(message, data, key, state)
             if attack.rewrite is None:
                 return out
             return _select(flag, attack.rewrite(out, attack_key), out)
 
-        return staged_client_update
+        return dataclasses.replace(program, update=staged_update)
 
-    def client_update(params, data: ClientData, key, client_state=()):
-        honest = honest_update(params, data, key, client_state)
+    def update(message, data: ClientData, key, state=()):
+        honest = honest_update(message, data, key, state)
 
-        def reuse_honest(p, d, k, s=()):
-            if p is params and d is data and s is client_state:
+        def reuse_honest(m, d, k, s=()):
+            if m is message and d is data and s is state:
                 return honest  # the same training run: reuse it
-            return honest_update(p, d, k, s)
+            return honest_update(m, d, k, s)
 
         attack_key = jax.random.fold_in(key, 0x5eed)
-        bad = attack(reuse_honest, params, data, attack_key, client_state)
+        bad = attack(reuse_honest, message, data, attack_key, state)
         flag = is_malicious(data.client_id) & (data.client_id >= 0)
         return _select(flag, bad, honest)
 
-    return client_update
+    return dataclasses.replace(program, update=update)
 
 
 # --------------------------------------------------------------------- data poisoning
@@ -300,7 +295,7 @@ def model_replacement(trigger: Trigger, target_label: int, boost: float, *,
     boost = check_float("boost", boost)
     return StagedAttack(
         poison=backdoor(trigger, target_label, poison_fraction=poison_fraction).poison,
-        rewrite=lambda out, key: _with_delta(out, _scale(out.delta, boost)))
+        rewrite=lambda out, key: _with_upload(out, _scale(out.upload, boost)))
 
 
 def constrain_and_scale(trigger: Trigger, target_label: int, max_norm: float, *,
@@ -314,8 +309,8 @@ def constrain_and_scale(trigger: Trigger, target_label: int, max_norm: float, *,
     bound = check_float("max_norm", max_norm, min_value=0.0, min_exclusive=True)
 
     def rewrite(out, key):
-        norm = _tree_norm(out.delta)
-        return _with_delta(out, _scale(out.delta, bound / jnp.maximum(norm, 1e-12)))
+        norm = l2_norm(out.upload)
+        return _with_upload(out, _scale(out.upload, bound / jnp.maximum(norm, 1e-12)))
 
     return StagedAttack(
         poison=backdoor(trigger, target_label, poison_fraction=poison_fraction).poison,
@@ -329,7 +324,7 @@ def sign_flip(scale: float = 1.0) -> Attack:
     model uphill on the loss (an untargeted attack; Damaskinos et al. 2018, Li et al. 2019).
     """
     scale = check_float("scale", scale, min_value=0.0)
-    return StagedAttack(rewrite=lambda out, key: _with_delta(out, _scale(out.delta, -scale)))
+    return StagedAttack(rewrite=lambda out, key: _with_upload(out, _scale(out.upload, -scale)))
 
 
 def gaussian_noise_attack(std: float) -> Attack:
@@ -341,20 +336,10 @@ def gaussian_noise_attack(std: float) -> Attack:
     std = check_float("std", std, min_value=0.0)
 
     def rewrite(out, key):
-        leaves, treedef = jax.tree.flatten(out.delta)
+        leaves, treedef = jax.tree.flatten(out.upload)
         keys = jax.random.split(key, len(leaves))
         noise = [(std * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
                  for k, x in zip(keys, leaves)]
-        return _with_delta(out, jax.tree.unflatten(treedef, noise))
+        return _with_upload(out, jax.tree.unflatten(treedef, noise))
 
     return StagedAttack(rewrite=rewrite)
-
-
-tag_for_server = StagedAttack(
-    rewrite=lambda out, key: out._replace(weight=-jnp.maximum(jnp.abs(out.weight), 1.0)))
-"""The client half of an omniscient attack: honest training, upload tagged.
-
-The tag is a negative aggregation weight (``-|w|``, and ``-1`` for an empty client), which
-the colluding server-side stage (:func:`fedjax_sim.poisoning.omniscient_attack`) removes
-before any defence sees the cohort. Never use it without that stage.
-"""

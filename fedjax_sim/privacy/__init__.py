@@ -1,19 +1,36 @@
-"""Client-level differential-privacy accounting (host side, dp-accounting based).
+"""Client-level differential privacy: mechanisms, ledgers and calibration (host side).
 
-See :mod:`fedjax_sim.privacy.accounting` for the guarantees and their assumptions, and
-:mod:`fedjax_sim.server.dp_ftrl` for the DP-FTRL tree-aggregation transform.
+* :mod:`~fedjax_sim.privacy.schedule`: :class:`SamplingSpec`, the accounting view of a
+  sampler (Poisson, fixed-size, cyclic) and its neighbouring relation;
+* :mod:`~fedjax_sim.privacy.mechanisms`: the typed mechanisms noise stages carry
+  (:class:`GaussianSumNoise`, :class:`TreeAggregationNoise`);
+* :mod:`~fedjax_sim.privacy.ledger`: :func:`ledger_for`, a run's ledger read from its
+  server chain;
+* :mod:`~fedjax_sim.privacy.accounting` (sampled Gaussian rounds) and
+  :mod:`~fedjax_sim.privacy.dp_ftrl_accounting` (tree aggregation): the ledgers,
+  epsilon and noise calibration on top of dp-accounting.
 """
 
-from fedjax_sim.privacy.accounting import (ACCOUNTANTS, SAMPLING_KINDS, Accountant,
-                                           PrivacyConfig, SamplingSpec,
+from fedjax_sim.privacy.accounting import (ACCOUNTANTS, Accountant, PrivacyConfig,
                                            calibrate_noise_multiplier, dp_event,
-                                           dp_ftrl_dp_event, dp_ftrl_epsilon,
                                            effective_noise_multiplier, epsilon_for,
                                            make_dp_accounting_accountant,
                                            poisson_overflow_probability,
-                                           privacy_spec_from_transform_infos, tree_depth)
+                                           update_noise_multiplier_for)
+from fedjax_sim.privacy.dp_ftrl_accounting import (DP_FTRL_PARTICIPATION, DPFTRLAccountant,
+                                                   calibrate_dp_ftrl_noise_multiplier,
+                                                   cyclic_rounds_per_pass, dp_ftrl_dp_event,
+                                                   dp_ftrl_epsilon, dp_ftrl_participation,
+                                                   tree_depth)
+from fedjax_sim.privacy.ledger import ledger_for
+from fedjax_sim.privacy.mechanisms import GaussianSumNoise, TreeAggregationNoise
+from fedjax_sim.privacy.schedule import SAMPLING_KINDS, SamplingSpec
 
-__all__ = ["ACCOUNTANTS", "Accountant", "PrivacyConfig", "SAMPLING_KINDS", "SamplingSpec",
-           "calibrate_noise_multiplier", "dp_event", "dp_ftrl_dp_event", "dp_ftrl_epsilon",
-           "effective_noise_multiplier", "epsilon_for", "make_dp_accounting_accountant",
-           "poisson_overflow_probability", "privacy_spec_from_transform_infos", "tree_depth"]
+__all__ = ["ACCOUNTANTS", "Accountant", "DP_FTRL_PARTICIPATION", "DPFTRLAccountant",
+           "GaussianSumNoise", "PrivacyConfig", "SAMPLING_KINDS", "SamplingSpec",
+           "TreeAggregationNoise", "calibrate_dp_ftrl_noise_multiplier",
+           "calibrate_noise_multiplier", "cyclic_rounds_per_pass", "dp_event",
+           "dp_ftrl_dp_event", "dp_ftrl_epsilon", "dp_ftrl_participation",
+           "effective_noise_multiplier", "epsilon_for", "ledger_for",
+           "make_dp_accounting_accountant", "poisson_overflow_probability", "tree_depth",
+           "update_noise_multiplier_for"]

@@ -32,122 +32,26 @@ Not covered: data-dependent denominators (a weighted mean whose total weight dep
 the cohort), clients contributing more than one update per round, adaptive choices of the
 noise or cohort from private data, secure-aggregation or quantisation effects, privacy
 of the sampling outcome itself, and DP-FTRL (tree aggregation, no sampling), which has
-its own module, :mod:`fedjax_sim.privacy.dp_ftrl_accounting` (its names are re-exported
-here).
+its own module, :mod:`fedjax_sim.privacy.dp_ftrl_accounting`. A run's ledger is built
+from its server chain by :func:`fedjax_sim.privacy.ledger_for`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import dp_accounting
 import numpy as np
 from dp_accounting.pld import privacy_loss_distribution as _pld_lib
 from dp_accounting.rdp import rdp_privacy_accountant as _rdp_lib
 
-from fedjax_sim._validation import (ConfigError, check_choice, check_float, check_int,
-                                    fail)
+from fedjax_sim._validation import check_choice, check_float, check_int, fail
+from fedjax_sim.privacy.calibration import calibrate, check_delta, check_noise_multiplier
+from fedjax_sim.privacy.schedule import SamplingSpec
 
-SAMPLING_KINDS = ("poisson", "fixed")
 ACCOUNTANTS = ("rdp", "pld")
-DP_FTRL_PARTICIPATION = ("once", "once_per_tree")
-
-_NeighborRel = dp_accounting.NeighboringRelation
-
-
-# --------------------------------------------------------------------------- specs
-
-
-def _check_delta(field: str, delta: Any) -> float:
-    return check_float(field, delta, min_value=0.0, max_value=1.0, min_exclusive=True,
-                       max_exclusive=True)
-
-
-def _check_noise_multiplier(field: str, z: Any) -> float:
-    return check_float(field, z, min_value=0.0, min_exclusive=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingSpec:
-    """How a round's cohort is drawn, as far as privacy accounting is concerned.
-
-    Build it with :meth:`poisson` or :meth:`fixed`.
-
-    Attributes:
-      kind: ``"poisson"`` or ``"fixed"``.
-      rate: Poisson inclusion probability q in (0, 1] (``None`` for fixed).
-      cohort_size: fixed cohort size m (``None`` for Poisson).
-      population_size: population size n; required for fixed, optional for Poisson
-        (informational, e.g. for :func:`poisson_overflow_probability`).
-    """
-
-    kind: str
-    rate: float | None = None
-    cohort_size: int | None = None
-    population_size: int | None = None
-
-    def __post_init__(self):
-        check_choice("sampling.kind", self.kind, SAMPLING_KINDS)
-        if self.population_size is not None:
-            check_int("sampling.population_size", self.population_size, min_value=1)
-        if self.kind == "poisson":
-            if self.rate is None:
-                fail("sampling.rate", self.rate, "Poisson sampling needs a rate q in (0, 1]")
-            check_float("sampling.rate", self.rate, min_value=0.0, max_value=1.0,
-                        min_exclusive=True)
-            if self.cohort_size is not None:
-                fail("sampling.cohort_size", self.cohort_size,
-                     "Poisson sampling has no fixed cohort size (use kind='fixed')")
-        else:
-            if self.rate is not None:
-                fail("sampling.rate", self.rate,
-                     "fixed-size sampling takes cohort_size and population_size, not a rate")
-            if self.cohort_size is None:
-                fail("sampling.cohort_size", self.cohort_size,
-                     "fixed-size sampling needs a cohort size m >= 1")
-            if self.population_size is None:
-                fail("sampling.population_size", self.population_size,
-                     "fixed-size sampling needs the population size n")
-            m = check_int("sampling.cohort_size", self.cohort_size, min_value=1)
-            if m > self.population_size:
-                fail("sampling.cohort_size", m,
-                     f"must be <= population_size={self.population_size}")
-            object.__setattr__(self, "cohort_size", m)
-        if self.rate is not None:
-            object.__setattr__(self, "rate", float(self.rate))
-        if self.population_size is not None:
-            object.__setattr__(self, "population_size", int(self.population_size))
-
-    @classmethod
-    def poisson(cls, rate: float, *, population_size: int | None = None) -> "SamplingSpec":
-        """Poisson sampling: each client joins a round independently with probability ``rate``."""
-        return cls("poisson", rate=rate, population_size=population_size)
-
-    @classmethod
-    def fixed(cls, cohort_size: int, population_size: int) -> "SamplingSpec":
-        """Uniform fixed-size sampling of ``cohort_size`` clients out of ``population_size``."""
-        return cls("fixed", cohort_size=cohort_size, population_size=population_size)
-
-    @property
-    def sampling_probability(self) -> float:
-        """A client's chance to be in a given round: q, or m / n."""
-        if self.kind == "poisson":
-            return float(self.rate)
-        return self.cohort_size / self.population_size
-
-    @property
-    def neighboring_relation(self) -> dp_accounting.NeighboringRelation:
-        """Add/remove-one-client for Poisson, replace-one-client for fixed-size."""
-        if self.kind == "poisson":
-            return _NeighborRel.ADD_OR_REMOVE_ONE
-        return _NeighborRel.REPLACE_ONE
-
-    def describe(self) -> str:
-        if self.kind == "poisson":
-            return f"poisson(q={self.rate:g})"
-        return f"fixed(m={self.cohort_size}, n={self.population_size})"
+SAMPLED_KINDS = ("poisson", "fixed")  # the schedules a sampled Gaussian is accounted under
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,12 +76,11 @@ class PrivacyConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "noise_multiplier",
-                           _check_noise_multiplier("noise_multiplier", self.noise_multiplier))
-        if not isinstance(self.sampling, SamplingSpec):
-            fail("sampling", self.sampling, "must be a SamplingSpec")
+                           check_noise_multiplier("noise_multiplier", self.noise_multiplier))
+        _check_sampled(self.sampling)
         check_choice("accountant", self.accountant, ACCOUNTANTS)
         if self.delta is not None:
-            object.__setattr__(self, "delta", _check_delta("delta", self.delta))
+            object.__setattr__(self, "delta", check_delta("delta", self.delta))
         check_float("pld_value_discretization", self.pld_value_discretization,
                     min_value=0.0, min_exclusive=True, max_value=1.0)
         _check_accountant_supports(self.accountant, self.sampling)
@@ -185,6 +88,16 @@ class PrivacyConfig:
     def round_event(self) -> dp_accounting.DpEvent:
         """The DP event of one round (see :func:`dp_event`)."""
         return dp_event(self.noise_multiplier, self.sampling)
+
+
+def _check_sampled(sampling: Any) -> SamplingSpec:
+    if not isinstance(sampling, SamplingSpec):
+        fail("sampling", sampling, "must be a SamplingSpec")
+    if sampling.kind not in SAMPLED_KINDS:
+        fail("sampling", sampling.kind, "a sampled Gaussian round needs random (poisson or "
+             "fixed-size) sampling; a cyclic schedule has no sampling to amplify privacy "
+             "(account it as DP-FTRL tree aggregation)")
+    return sampling
 
 
 def _check_accountant_supports(accountant: str, sampling: SamplingSpec) -> None:
@@ -209,9 +122,8 @@ def dp_event(noise_multiplier: float, sampling: SamplingSpec) -> dp_accounting.D
       adjacency), ``SampledWithoutReplacementDpEvent(n, m, GaussianDpEvent(z / 2))`` for
       fixed-size sampling (replace-one adjacency: the sum's sensitivity is 2 * clip_norm).
     """
-    z = _check_noise_multiplier("noise_multiplier", noise_multiplier)
-    if not isinstance(sampling, SamplingSpec):
-        fail("sampling", sampling, "must be a SamplingSpec")
+    z = check_noise_multiplier("noise_multiplier", noise_multiplier)
+    _check_sampled(sampling)
     if sampling.kind == "poisson":
         return dp_accounting.PoissonSampledDpEvent(float(sampling.rate),
                                                    dp_accounting.GaussianDpEvent(z))
@@ -295,6 +207,25 @@ class Accountant:
         """Everything recorded so far as one dp-accounting event."""
         return dp_accounting.SelfComposedDpEvent(self._event, self._rounds)
 
+    def summary(self, delta: float | None = None) -> dict[str, Any]:
+        """The guarantee of the rounds recorded so far: figures, assumptions, a sentence."""
+        spec = self._config.sampling
+        eps = self.epsilon(delta)
+        delta = self._config.delta if delta is None else delta
+        return {"dp": True, "mechanism": "sampled_gaussian", "epsilon": eps,
+                "delta": delta, "noise_multiplier": self.noise_multiplier,
+                "accountant": self._config.accountant, "sampling": spec.describe(),
+                "adjacency": spec.adjacency, "rounds": self._rounds,
+                "assumptions": [
+                    "each sampled client contributes one update per round, clipped to the "
+                    "bound the noise is scaled to, and counts 1 in the sum",
+                    "the sampled cohort is never truncated (see "
+                    "poisson_overflow_probability) and the noise key is secret",
+                    "nothing else reads the clients' data"],
+                "statement": f"client-level ({eps:.4g}, {delta:.3g})-DP for all "
+                             f"{self._rounds} released models ({spec.adjacency}, "
+                             f"{spec.describe()}, {self._config.accountant})"}
+
     def record_round(self, count: int = 1) -> None:
         """Records ``count`` more rounds of the configured mechanism (host side, O(1))."""
         count = check_int("count", count, min_value=0)
@@ -306,7 +237,7 @@ class Accountant:
             delta = self._config.delta
             if delta is None:
                 fail("delta", delta, "pass a delta in (0, 1) or set PrivacyConfig.delta")
-        delta = _check_delta("delta", delta)
+        delta = check_delta("delta", delta)
         if self._rounds == 0:
             return 0.0
         key = (self._rounds, delta)
@@ -359,35 +290,6 @@ def epsilon_for(rounds: int, config: PrivacyConfig, delta: float | None = None) 
     return acc.epsilon(delta)
 
 
-def _calibrate(target: float, delta: float, tol: float, eps: Callable[[float], float],
-               make_accountant: Callable[[], Any],
-               make_event: Callable[[float], dp_accounting.DpEvent]) -> float:
-    """Smallest z (within ``tol``) with ``eps(z) <= target``.
-
-    Brackets z by doubling / halving, runs dp-accounting's ``calibrate_dp_mechanism``
-    (Brent's method) on the bracket, then steps up by ``tol`` until ``eps(z)`` meets the
-    target (the accountant path and ``eps`` may differ in the last bits).
-    """
-    hi = 1.0
-    while eps(hi) > target:
-        hi *= 2.0
-        if hi > 2.0 ** 24:
-            fail("target_epsilon", target,
-                 f"unreachable with noise multiplier <= {2.0 ** 24:g} for these settings")
-    lo = hi / 2.0
-    while eps(lo) <= target:
-        hi = lo
-        lo /= 2.0
-        if lo < 1e-6:
-            return hi
-    z = float(dp_accounting.calibrate_dp_mechanism(
-        make_accountant, make_event, target, delta,
-        bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi), tol=tol))
-    while eps(z) > target:
-        z += tol
-    return z
-
-
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, rounds: int,
                                sampling: SamplingSpec, *, accountant: str = "rdp",
                                tol: float = 1e-5) -> float:
@@ -409,10 +311,9 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, rounds: int,
       target_epsilon`` and z - tol above the optimum at most.
     """
     target = check_float("target_epsilon", target_epsilon, min_value=0.0, min_exclusive=True)
-    delta = _check_delta("delta", delta)
+    delta = check_delta("delta", delta)
     rounds = check_int("rounds", rounds, min_value=1)
-    if not isinstance(sampling, SamplingSpec):
-        fail("sampling", sampling, "must be a SamplingSpec")
+    _check_sampled(sampling)
     check_choice("accountant", accountant, ACCOUNTANTS)
     _check_accountant_supports(accountant, sampling)
     tol = check_float("tol", tol, min_value=0.0, min_exclusive=True)
@@ -420,153 +321,59 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, rounds: int,
     def eps(z: float) -> float:
         return epsilon_for(rounds, PrivacyConfig(z, sampling, accountant), delta)
 
-    return _calibrate(
+    return calibrate(
         target, delta, tol, eps, lambda: make_dp_accounting_accountant(accountant, sampling),
         lambda z: dp_accounting.SelfComposedDpEvent(dp_event(z, sampling), rounds))
 
 
-# ------------------------------------------------------------- spec from server transforms
-
-_BOUND_KEYS = ("sensitivity", "clip_norm", "max_norm")
-
-
-def _flatten_infos(infos: Any) -> list[Mapping[str, Any]]:
-    if hasattr(infos, "info") and hasattr(infos, "update") and hasattr(infos, "init"):
-        infos = [infos.info]  # a ServerTransform
-    elif isinstance(infos, Mapping):
-        infos = [infos]
-    out: list[Mapping[str, Any]] = []
-    for info in infos:
-        if not isinstance(info, Mapping):
-            fail("infos", info, "each entry must be a mapping (a transform's info)")
-        if "chain" in info:
-            out.extend(_flatten_infos(info["chain"]))
-        else:
-            out.append(info)
-    return out
 
 
 def effective_noise_multiplier(update_noise_multiplier: float, count_noise_std: float,
                                count_sensitivity: float = 0.5) -> float:
     """Noise multiplier of adaptive clipping's two Gaussian queries taken together.
 
-    Andrew et al. 2021, "Differentially Private Learning with Adaptive Clipping", Sec. 3:
+    Andrew et al. 2021, "Differentially Private Learning with Adaptive Clipping", Thm. 1:
     the noised update sum (multiplier z_u) and the noised count of unclipped clients (std
     sigma_b; each client's centred bit is +-1/2, so its sensitivity is 1/2 and its
     multiplier is 2 sigma_b) compose like one Gaussian query with
-    ``z_eff = (z_u^-2 + (2 sigma_b)^-2)^(-1/2)``. The paper (and TFF / Flower) state it the
-    other way round: to reach a target z, add update noise ``z_u = (z^-2 - (2 sigma_b)^-2)^(-1/2)``.
+    ``z = (z_u^-2 + (2 sigma_b)^-2)^(-1/2)``. Either at 0 gives 0 (no privacy). The paper
+    (and TFF / Flower) state it the other way round: to reach a target z, add update noise
+    :func:`update_noise_multiplier_for`.
 
     Args:
-      update_noise_multiplier: z_u, the std of the noise on the update sum / clip norm.
-      count_noise_std: sigma_b, std of the noise on the (centred) unclipped-client count.
+      update_noise_multiplier: z_u >= 0, the std of the noise on the update sum / clip norm.
+      count_noise_std: sigma_b >= 0, std of the noise on the (centred) unclipped count.
       count_sensitivity: L2 sensitivity of that count (1/2 for the paper's centred bits;
         1 if bits in {0, 1} are summed without centring).
     """
-    z_u = _check_noise_multiplier("noise_multiplier", update_noise_multiplier)
-    sb = check_float("count_noise_std", count_noise_std, min_value=0.0, min_exclusive=True)
+    z_u = check_float("update_noise_multiplier", update_noise_multiplier, min_value=0.0)
+    sb = check_float("count_noise_std", count_noise_std, min_value=0.0)
     s = check_float("count_sensitivity", count_sensitivity, min_value=0.0, min_exclusive=True)
+    if z_u == 0.0 or sb == 0.0:
+        return 0.0
     return (z_u ** -2 + (sb / s) ** -2) ** -0.5
 
 
-def privacy_spec_from_transform_infos(infos: Any, sampling: SamplingSpec, *,
-                                      accountant: str = "rdp",
-                                      delta: float | None = None) -> PrivacyConfig:
-    """Builds the :class:`PrivacyConfig` from what the server transforms report.
+def update_noise_multiplier_for(noise_multiplier: float, count_noise_std: float,
+                                count_sensitivity: float = 0.5) -> float:
+    """Inverse of :func:`effective_noise_multiplier`: the ``z_u`` giving a target ``z``.
 
-    ``infos``: a ServerTransform, one info mapping, or an iterable of them (chains are
-    flattened). The conventions are those of ``fedjax_sim.server.clipping`` / ``noise``:
-
-    * exactly one transform reports ``noise_multiplier`` (> 0): the noise transform.
-    * Fused adaptive clipping (``dp_fedavg_aggregator(adaptive=True)``: the info also has
-      ``update_noise_multiplier``): its ``noise_multiplier`` already is the effective z of
-      the update-sum and count queries together (Andrew et al. 2021, Theorem 1); it is
-      re-derived from ``update_noise_multiplier``, ``count_noise_std`` and
-      ``count_sensitivity`` and must agree (a mismatch raises: the ledger must not drift).
-    * Fixed noise (``gaussian_noise(z, S)``): z is relative to the noise transform's own
-      ``sensitivity`` S; the per-client bound B is the smallest ``sensitivity`` (else
-      ``clip_norm`` / ``max_norm``) reported by the other transforms, and the accounted
-      multiplier is ``z * S / B`` (= noise std / the real bound; z itself when S == B).
-      A per-client transform whose bound is not fixed (``sensitivity: None``, e.g. a
-      standalone ``adaptive_clip``) cannot be paired with fixed noise and raises.
-    * a DP-FTRL tree transform (``name == "dp_ftrl_tree"``) raises: use
-      :func:`dp_ftrl_accountant_from_transform_infos`.
-
-    Args:
-      infos: transform infos.
-      sampling: how cohorts are drawn.
-      accountant: ``"rdp"`` or ``"pld"``.
-      delta: optional default delta.
-
-    Returns:
-      The PrivacyConfig of one round.
+    Raises ConfigError unless ``z < count_noise_std / count_sensitivity`` (the count alone
+    would already cost more).
     """
-    if not isinstance(sampling, SamplingSpec):
-        fail("sampling", sampling, "must be a SamplingSpec")
-    flat = _flatten_infos(infos)
-    names = [i.get("name") for i in flat]
-    for info in flat:
-        if info.get("name") == "dp_ftrl_tree":
-            fail("infos", info.get("name"),
-                 "DP-FTRL tree noise is not a sampled Gaussian; use "
-                 "dp_ftrl_accountant_from_transform_infos (or dp_ftrl_epsilon)")
-    noisy = [i for i in flat if i.get("noise_multiplier") is not None]
-    if len(noisy) > 1:
-        fail("infos", [i.get("name") for i in noisy],
-             "more than one transform reports a noise_multiplier; cannot tell which one "
-             "the accountant should use")
-    if not noisy:
-        fail("infos", names, "no transform reports a noise_multiplier; nothing to account")
-    noise = noisy[0]
-    z = _check_noise_multiplier("noise_multiplier", noise["noise_multiplier"])
-    if noise.get("update_noise_multiplier") is not None:  # fused adaptive clipping
-        if noise.get("count_noise_std") is None:
-            fail("infos", noise.get("name"),
-                 "reports update_noise_multiplier but no count_noise_std")
-        z_check = effective_noise_multiplier(noise["update_noise_multiplier"],
-                                             noise["count_noise_std"],
-                                             noise.get("count_sensitivity", 0.5))
-        if not math.isclose(z, z_check, rel_tol=1e-6):
-            fail("noise_multiplier", z,
-                 f"disagrees with the effective multiplier {z_check!r} recomputed from "
-                 f"{noise.get('name')}'s update and count noise")
-        return PrivacyConfig(z, sampling, accountant, delta)
-    others = [i for i in flat if i is not noise]
-    if any("sensitivity" in i and i["sensitivity"] is None for i in others):
-        fail("infos", names,
-             "a per-client transform has no fixed sensitivity (adaptive clipping?); fixed "
-             "Gaussian noise cannot be accounted against it (use the fused adaptive "
-             "aggregator)")
-    bounds = []
-    for i in others:
-        for k in _BOUND_KEYS:
-            if i.get(k) is not None:
-                bounds.append(check_float(f"{i.get('name')}.{k}", i[k], min_value=0.0,
-                                          min_exclusive=True))
-                break
-    if not bounds:
-        fail("infos", names,
-             "no transform bounds a client's contribution (clip_norm / sensitivity); "
-             "without it the noise gives no DP")
-    s_noise = noise.get("sensitivity")
-    if s_noise is not None:
-        s_noise = check_float("sensitivity", s_noise, min_value=0.0, min_exclusive=True)
-        z = z * s_noise / min(bounds)
-    return PrivacyConfig(z, sampling, accountant, delta)
+    z = check_float("noise_multiplier", noise_multiplier, min_value=0.0)
+    sb = check_float("count_noise_std", count_noise_std, min_value=0.0)
+    s = check_float("count_sensitivity", count_sensitivity, min_value=0.0, min_exclusive=True)
+    if z == 0.0:
+        return 0.0
+    zc = sb / s
+    if not z < zc:
+        fail("count_noise_std", sb, f"adaptive clipping needs noise_multiplier < "
+             f"count_noise_std/{s:g}, got noise_multiplier={z!r}")
+    return (z ** -2 - zc ** -2) ** -0.5
 
 
-# DP-FTRL's accounting lives in its own module; its names stay importable from here.
-from fedjax_sim.privacy.dp_ftrl_accounting import (  # noqa: E402  (after the helpers it uses)
-    DPFTRLAccountant, calibrate_dp_ftrl_noise_multiplier, cyclic_rounds_per_pass,
-    dp_ftrl_accountant_from_transform_infos, dp_ftrl_dp_event, dp_ftrl_epsilon,
-    dp_ftrl_participation, tree_depth)
-
-__all__ = [
-    "ACCOUNTANTS", "Accountant", "ConfigError", "DPFTRLAccountant", "PrivacyConfig",
-    "SAMPLING_KINDS", "SamplingSpec", "calibrate_dp_ftrl_noise_multiplier",
-    "calibrate_noise_multiplier", "cyclic_rounds_per_pass", "dp_event",
-    "dp_ftrl_accountant_from_transform_infos", "dp_ftrl_dp_event", "dp_ftrl_epsilon",
-    "dp_ftrl_participation", "effective_noise_multiplier", "epsilon_for",
-    "make_dp_accounting_accountant", "poisson_overflow_probability",
-    "privacy_spec_from_transform_infos", "tree_depth",
-]
+__all__ = ["ACCOUNTANTS", "Accountant", "PrivacyConfig", "SAMPLED_KINDS",
+           "calibrate_noise_multiplier", "dp_event", "effective_noise_multiplier",
+           "epsilon_for", "make_dp_accounting_accountant", "poisson_overflow_probability",
+           "update_noise_multiplier_for"]

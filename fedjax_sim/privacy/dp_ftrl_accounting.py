@@ -4,8 +4,8 @@ Tree noise has no sampling, so it is not the sampled Gaussian of
 :mod:`fedjax_sim.privacy.accounting`: each completed tree is one Gaussian mechanism whose
 sensitivity grows with the tree depth, and trees compose. This module holds the event,
 the epsilon, the noise calibration, the cyclic schedule's pass length and the
-:class:`DPFTRLAccountant` that ``fedjax-sim run --aggregator dp_ftrl`` keeps. Every name
-is also importable from :mod:`fedjax_sim.privacy.accounting`.
+:class:`DPFTRLAccountant` that ``fedjax-sim run --aggregator dp_ftrl`` keeps (built from
+the run's chain by :func:`fedjax_sim.privacy.ledger_for`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 import dp_accounting
 
 from fedjax_sim._validation import check_choice, check_float, check_int, fail
-from fedjax_sim.privacy.accounting import (_BOUND_KEYS, DP_FTRL_PARTICIPATION, _NeighborRel,
-                                           _calibrate, _check_delta,
-                                           _check_noise_multiplier, _flatten_infos)
+from fedjax_sim.privacy.calibration import calibrate, check_delta, check_noise_multiplier
+
+DP_FTRL_PARTICIPATION = ("once", "once_per_tree")
 
 
 def tree_depth(steps: int) -> int:
@@ -58,7 +58,7 @@ def dp_ftrl_dp_event(noise_multiplier: float, rounds: int, *, max_rounds: int | 
         (across all trees); ``"once_per_tree"``: at most once per tree (e.g. one epoch
         per tree), the trees then compose.
     """
-    z = _check_noise_multiplier("noise_multiplier", noise_multiplier)
+    z = check_noise_multiplier("noise_multiplier", noise_multiplier)
     rounds = check_int("rounds", rounds, min_value=1)
     if max_rounds is not None:
         max_rounds = check_int("max_rounds", max_rounds, min_value=1)
@@ -76,7 +76,7 @@ def dp_ftrl_epsilon(noise_multiplier: float, rounds: int, delta: float, *,
 
     See :func:`dp_ftrl_dp_event` for the guarantee and its assumptions.
     """
-    delta = _check_delta("delta", delta)
+    delta = check_delta("delta", delta)
     event = dp_ftrl_dp_event(noise_multiplier, rounds, max_rounds=max_rounds,
                              participation=participation)
     acc = _dp_ftrl_rdp_accountant()
@@ -85,7 +85,8 @@ def dp_ftrl_epsilon(noise_multiplier: float, rounds: int, delta: float, *,
 
 
 def _dp_ftrl_rdp_accountant() -> dp_accounting.rdp.RdpAccountant:
-    return dp_accounting.rdp.RdpAccountant(neighboring_relation=_NeighborRel.REPLACE_SPECIAL)
+    return dp_accounting.rdp.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
 
 
 def calibrate_dp_ftrl_noise_multiplier(target_epsilon: float, delta: float, rounds: int, *,
@@ -107,7 +108,7 @@ def calibrate_dp_ftrl_noise_multiplier(target_epsilon: float, delta: float, roun
       tol: absolute tolerance on z.
     """
     target = check_float("target_epsilon", target_epsilon, min_value=0.0, min_exclusive=True)
-    delta = _check_delta("delta", delta)
+    delta = check_delta("delta", delta)
     rounds = check_int("rounds", rounds, min_value=1)
     tol = check_float("tol", tol, min_value=0.0, min_exclusive=True)
 
@@ -115,7 +116,7 @@ def calibrate_dp_ftrl_noise_multiplier(target_epsilon: float, delta: float, roun
         return dp_ftrl_epsilon(z, rounds, delta, max_rounds=max_rounds,
                                participation=participation)
 
-    return _calibrate(target, delta, tol, eps, _dp_ftrl_rdp_accountant,
+    return calibrate(target, delta, tol, eps, _dp_ftrl_rdp_accountant,
                       lambda z: dp_ftrl_dp_event(z, rounds, max_rounds=max_rounds,
                                                  participation=participation))
 
@@ -174,11 +175,12 @@ class DPFTRLAccountant:
       max_rounds: tree size; the tree restarts every ``max_rounds`` rounds.
       rounds_per_pass: the schedule's no-repeat window (>= ``max_rounds``).
       delta: default target delta for :meth:`epsilon` (optional).
+      schedule: the schedule in words, for the summary (e.g. ``cyclic(m=20, n=60)``).
     """
 
     def __init__(self, noise_multiplier: float, max_rounds: int, *, rounds_per_pass: int,
-                 delta: float | None = None):
-        self._z = _check_noise_multiplier("noise_multiplier", noise_multiplier)
+                 delta: float | None = None, schedule: str | None = None):
+        self._z = check_noise_multiplier("noise_multiplier", noise_multiplier)
         self._max_rounds = check_int("max_rounds", max_rounds, min_value=1)
         self._per_pass = check_int("rounds_per_pass", rounds_per_pass, min_value=1)
         if self._max_rounds > self._per_pass:
@@ -186,7 +188,8 @@ class DPFTRLAccountant:
                  f"exceeds the schedule's {self._per_pass} rounds without a repeated client: "
                  "a client could contribute twice to one tree, which the tree accounting "
                  "does not cover")
-        self._delta = None if delta is None else _check_delta("delta", delta)
+        self._delta = None if delta is None else check_delta("delta", delta)
+        self._schedule = schedule
         self._rounds = 0
         self._cache: dict[tuple[int, float], float] = {}
 
@@ -234,7 +237,7 @@ class DPFTRLAccountant:
             delta = self._delta
             if delta is None:
                 fail("delta", delta, "pass a delta in (0, 1) or set the ledger's delta")
-        delta = _check_delta("delta", delta)
+        delta = check_delta("delta", delta)
         if self._rounds == 0:
             return 0.0
         key = (self._rounds, delta)
@@ -248,64 +251,38 @@ class DPFTRLAccountant:
         return (f"DP-FTRL tree aggregation (z={self._z:g}, tree restarted every "
                 f"{self._max_rounds} rounds, no client twice in {self._per_pass} rounds)")
 
-
-def dp_ftrl_accountant_from_transform_infos(infos: Any, *, rounds_per_pass: int,
-                                            delta: float | None = None
-                                            ) -> DPFTRLAccountant:
-    """Builds the :class:`DPFTRLAccountant` from what the server transforms report.
-
-    ``infos`` as in :func:`privacy_spec_from_transform_infos`. Requires exactly one DP-FTRL
-    tree transform (``name == "dp_ftrl_tree"``: its ``noise_multiplier``, ``clip_norm``
-    and ``max_rounds`` are read) and no other noise; an unweighted ``sum_updates``
-    reducer (the tree's sensitivity analysis is that of a sum); and a per-client bound B
-    (the smallest ``sensitivity``, else ``clip_norm`` / ``max_norm``, of the other
-    transforms). The accounted multiplier is ``z * tree clip_norm / B`` (the node noise
-    std over the real bound; z itself when they agree). A per-client transform with no
-    fixed bound (adaptive clipping) raises: its noised count is not a tree query.
-
-    Args:
-      infos: transform infos.
-      rounds_per_pass: the schedule's no-repeat window (see :class:`DPFTRLAccountant`).
-      delta: optional default delta.
-    """
-    flat = _flatten_infos(infos)
-    names = [i.get("name") for i in flat]
-    trees = [i for i in flat if i.get("name") == "dp_ftrl_tree"]
-    if len(trees) != 1:
-        fail("infos", names, f"expected exactly one dp_ftrl_tree transform, found "
-             f"{len(trees)}")
-    tree = trees[0]
-    others = [i for i in flat if i is not tree]
-    noisy = [i.get("name") for i in others if i.get("noise_multiplier") is not None]
-    if noisy:
-        fail("infos", noisy, "other noise next to the dp_ftrl_tree transform is not "
-             "accounted by the tree mechanism")
-    if not any(i.get("name") == "sum_updates" and not i.get("weighted", False)
-               for i in others):
-        fail("infos", names, "DP-FTRL accounting needs an unweighted sum_updates reducer "
-             "(its sensitivity analysis is that of a sum of clipped updates)")
-    if any("sensitivity" in i and i["sensitivity"] is None for i in others):
-        fail("infos", names, "a per-client transform has no fixed sensitivity (adaptive "
-             "clipping?); the tree noise cannot be accounted against it")
-    bounds = []
-    for i in others:
-        for k in _BOUND_KEYS:
-            if i.get(k) is not None:
-                bounds.append(check_float(f"{i.get('name')}.{k}", i[k], min_value=0.0,
-                                          min_exclusive=True))
-                break
-    if not bounds:
-        fail("infos", names, "no transform bounds a client's contribution (clip_norm / "
-             "sensitivity); without it the tree noise gives no DP")
-    z = _check_noise_multiplier("noise_multiplier", tree["noise_multiplier"])
-    c = check_float("dp_ftrl_tree.clip_norm", tree["clip_norm"], min_value=0.0,
-                    min_exclusive=True)
-    return DPFTRLAccountant(z * c / min(bounds), tree["max_rounds"],
-                            rounds_per_pass=rounds_per_pass, delta=delta)
+    def summary(self, delta: float | None = None) -> dict[str, Any]:
+        """The guarantee of the rounds recorded so far: figures, assumptions, a sentence."""
+        eps = self.epsilon(delta)
+        delta = self._delta if delta is None else delta
+        adjacency = "replace one client with zero (special)"
+        passes = ("one pass or less: each client contributed at most once"
+                  if self.participation == "once" else
+                  "several passes: the trees compose, one contribution per tree")
+        return {"dp": True, "mechanism": "dp_ftrl_tree", "epsilon": eps, "delta": delta,
+                "noise_multiplier": self._z, "accountant": "rdp",
+                "sampling": self._schedule, "tree_restart_rounds": self._max_rounds,
+                "rounds_per_pass": self._per_pass, "participation": self.participation,
+                "adjacency": adjacency, "rounds": self._rounds,
+                "assumptions": [
+                    f"each client contributes to at most one round per tree (the tree "
+                    f"restarts every {self._max_rounds} rounds; the cyclic order trains no "
+                    f"client twice in {self._per_pass} consecutive rounds)",
+                    "the cyclic order is fixed in advance, independently of the data; no "
+                    "amplification by sampling is claimed",
+                    "each client's update is clipped to the bound the tree noise is scaled "
+                    "to, and every client counts 1 in the sum",
+                    "the noise key is secret and nothing else reads the clients' data"],
+                "statement": f"client-level ({eps:.4g}, {delta:.3g})-DP for all "
+                             f"{self._rounds} released models (DP-FTRL tree aggregation, "
+                             f"z={self._z:.4g} per node, tree restarted every "
+                             f"{self._max_rounds} rounds, {passes}; {adjacency}; "
+                             f"{self._schedule + ', ' if self._schedule else ''}a fixed "
+                             "data-independent order, no sampling amplification; rdp)"}
 
 
 __all__ = [
-    "DPFTRLAccountant", "calibrate_dp_ftrl_noise_multiplier", "cyclic_rounds_per_pass",
-    "dp_ftrl_accountant_from_transform_infos", "dp_ftrl_dp_event", "dp_ftrl_epsilon",
+    "DP_FTRL_PARTICIPATION", "DPFTRLAccountant", "calibrate_dp_ftrl_noise_multiplier",
+    "cyclic_rounds_per_pass", "dp_ftrl_dp_event", "dp_ftrl_epsilon",
     "dp_ftrl_participation", "tree_depth",
 ]

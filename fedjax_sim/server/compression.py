@@ -1,10 +1,12 @@
-"""Update compression as per-client transforms: quantisation, rotation and sparsification.
+"""Update compression as ``CLIENT`` stages: quantisation, rotation and sparsification.
 
-Each transform simulates a client encoding its update and the server decoding it: the
-output is the decoded update in the original coordinates, so any reducer can follow.
-Written for one client and vmapped over the cohort; client ``c`` draws its randomness from
-``fold_in(round_key, c)``, so a client's encoding does not depend on the cohort size.
-Masked clients are zeroed and keep weight 0. These are communication-cost tools, not
+Each stage simulates a client encoding its upload and the server decoding it: the output
+is the decoded upload in the original coordinates, so any reducer can follow. Written for
+one client and vmapped over the cohort, inside the round's chunks (the chain streams).
+Client ``c`` draws its randomness from ``fold_in(round_key, id_c)`` with ``id_c`` its
+population id (its position when the cohort carries no ids), so a client's encoding does
+not depend on its chunk, its position or the cohort size; the round key comes from the
+stage's state and advances once per round. Masked clients stay zero with weight 0. These are communication-cost tools, not
 privacy or robustness mechanisms. In a DP chain put the quantisers *before* the clipping:
 quantisation can raise a client's norm above the clip bound (top-k only lowers it), so
 ``clip -> quantise -> sum -> noise`` would not have the sensitivity the clip reports.
@@ -19,8 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sim._validation import ConfigError, check_float, check_int
-from fedjax_sim.server.base import ServerTransform, zero_masked
-from fedjax_sim.server.clipping import check_key, require_cohort
+from fedjax_sim.server.base import (Stage, client_positions, client_stage, stage_key,
+                                    zero_masked)
+from fedjax_sim.server.clipping import check_key
 
 PyTree = Any
 
@@ -66,31 +69,23 @@ def quantize_vector(x: jax.Array, levels: int, uniform: jax.Array) -> jax.Array:
     return jnp.where(span > 0, lo + q * (safe / levels), x32).astype(x.dtype)
 
 
-def _client_keys(key: jax.Array, c: int) -> jax.Array:
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(c))
-
-
-def _randomised(name: str, one_client, key: jax.Array, info: dict) -> ServerTransform:
-    """A per-client transform ``one_client(update_tree, client_key, round_key)``."""
+def _randomised(name: str, one_client, key: jax.Array) -> Stage:
+    """A ``CLIENT`` stage ``one_client(upload, client_key, shared_round_key)``."""
     key = check_key("key", key)
 
-    def init(params):
-        del params
-        return CompressionState(key)
-
-    def update(value, state):
-        require_cohort(name, value)
-        cohort = zero_masked(value)
-        next_key, round_key = jax.random.split(state.key)
+    def apply(cohort, state):
+        round_key, _ = stage_key(state.key)
         shared_key, client_key = jax.random.split(round_key)
-        keys = _client_keys(client_key, cohort.mask.shape[0])
+        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(client_key,
+                                                               client_positions(cohort))
         decoded = jax.vmap(one_client, in_axes=(0, 0, None))(cohort.updates, keys, shared_key)
-        return zero_masked(cohort._replace(updates=decoded)), CompressionState(next_key)
+        return zero_masked(cohort._replace(updates=decoded))
 
-    return ServerTransform(init, update, {"name": name, **info})
+    return client_stage(name, apply, init=lambda upload: CompressionState(key),
+                        advance=lambda total, state: CompressionState(stage_key(state.key)[1]))
 
 
-def stochastic_quantize(bits: int, *, key: jax.Array, per_leaf: bool = True) -> ServerTransform:
+def stochastic_quantize(bits: int, *, key: jax.Array, per_leaf: bool = True) -> Stage:
     """Unbiased stochastic uniform quantisation of each client's update to ``2^bits`` levels.
 
     Each client's values are mapped onto ``2^bits`` evenly spaced levels between its own min
@@ -105,8 +100,7 @@ def stochastic_quantize(bits: int, *, key: jax.Array, per_leaf: bool = True) -> 
       per_leaf: the min/max range per leaf (True) or global per client (False).
 
     Returns:
-      A per-client ServerTransform with info ``{"name": "stochastic_quantize", "bits",
-      "per_leaf"}``.
+      A streaming ``CLIENT`` stage named ``"stochastic_quantize"`` (state: its key).
     """
     b = check_int("bits", bits, min_value=1, max_value=16)
     levels = 2 ** b - 1
@@ -123,8 +117,7 @@ def stochastic_quantize(bits: int, *, key: jax.Array, per_leaf: bool = True) -> 
             offset += leaf.size
         return jax.tree.unflatten(jax.tree.structure(tree), out)
 
-    return _randomised("stochastic_quantize", one_client, key,
-                       {"bits": b, "per_leaf": bool(per_leaf)})
+    return _randomised("stochastic_quantize", one_client, key)
 
 
 def fwht(x: jax.Array) -> jax.Array:
@@ -140,7 +133,7 @@ def fwht(x: jax.Array) -> jax.Array:
     return x / jnp.sqrt(jnp.float32(p)).astype(x.dtype)
 
 
-def hadamard_rotate_quantize(bits: int, *, key: jax.Array) -> ServerTransform:
+def hadamard_rotate_quantize(bits: int, *, key: jax.Array) -> Stage:
     """Random rotation (sign flips + Walsh-Hadamard), stochastic quantisation, inverse.
 
     Suresh, Yu, Kumar, McMahan 2017, "Distributed Mean Estimation with Limited
@@ -156,8 +149,7 @@ def hadamard_rotate_quantize(bits: int, *, key: jax.Array) -> ServerTransform:
       key: PRNG key for the rotation signs and the rounding; split on every update.
 
     Returns:
-      A per-client ServerTransform with info ``{"name": "hadamard_rotate_quantize",
-      "bits"}``.
+      A streaming ``CLIENT`` stage named ``"hadamard_rotate_quantize"`` (state: its key).
     """
     b = check_int("bits", bits, min_value=1, max_value=16)
     levels = 2 ** b - 1
@@ -172,10 +164,10 @@ def hadamard_rotate_quantize(bits: int, *, key: jax.Array) -> ServerTransform:
         decoded = signs * fwht(quantize_vector(rotated, levels, uniform))
         return unflatten(decoded[:d])
 
-    return _randomised("hadamard_rotate_quantize", one_client, key, {"bits": b})
+    return _randomised("hadamard_rotate_quantize", one_client, key)
 
 
-def top_k_sparsify(k: int | None = None, *, fraction: float | None = None) -> ServerTransform:
+def top_k_sparsify(k: int | None = None, *, fraction: float | None = None) -> Stage:
     """Keeps each client's ``k`` largest-magnitude coordinates (over the whole update).
 
     Top-k sparsification (Aji & Heafield 2017; Stich et al. 2018). Biased: without error
@@ -188,7 +180,7 @@ def top_k_sparsify(k: int | None = None, *, fraction: float | None = None) -> Se
         Give exactly one of the two.
 
     Returns:
-      A per-client ServerTransform with info ``{"name": "top_k_sparsify", "k", "fraction"}``.
+      A stateless ``CLIENT`` stage named ``"top_k_sparsify"``.
     """
     if (k is None) == (fraction is None):
         raise ConfigError(f"k={k!r}: give exactly one of k and fraction (fraction={fraction!r})")
@@ -203,13 +195,5 @@ def top_k_sparsify(k: int | None = None, *, fraction: float | None = None) -> Se
         _, idx = jax.lax.top_k(jnp.abs(flat), keep)
         return unflatten(jnp.zeros_like(flat).at[idx].set(flat[idx]))
 
-    def init(params):
-        del params
-        return ()
-
-    def update(value, state):
-        require_cohort("top_k_sparsify", value)
-        cohort = zero_masked(value)
-        return cohort._replace(updates=jax.vmap(one_client)(cohort.updates)), state
-
-    return ServerTransform(init, update, {"name": "top_k_sparsify", "k": kk, "fraction": frac})
+    return client_stage("top_k_sparsify", lambda cohort, state: cohort._replace(
+        updates=jax.vmap(one_client)(cohort.updates)), preserves_bound=True)

@@ -27,8 +27,10 @@ stack[k]``. The tree restarts after ``max_rounds`` rounds (round max_rounds + 1 
 fresh tree: the emitted value then also removes the old tree's noise, so the running sum
 stays ``prefix sum + current tree's N_t``). Memory: ``levels`` copies of the model.
 
-Guarantee (accounted by :func:`fedjax_sim.privacy.dp_ftrl_epsilon`; a run's ledger is
-:class:`fedjax_sim.privacy.accounting.DPFTRLAccountant`): if each client
+Guarantee (accounted by :func:`fedjax_sim.privacy.dp_ftrl_epsilon`; the stage carries a
+:class:`~fedjax_sim.privacy.TreeAggregationNoise` mechanism from which
+:func:`~fedjax_sim.privacy.ledger_for` builds a run's
+:class:`~fedjax_sim.privacy.DPFTRLAccountant`): if each client
 contributes a clipped update (L2 norm <= ``clip_norm``) to at most one round in total,
 the released sequence is the Gaussian mechanism with L2 sensitivity ``sqrt(depth) *
 clip_norm``, ``depth = ceil(log2(max_rounds + 1))`` (Kairouz et al. Appendix D), under
@@ -59,7 +61,6 @@ sum_k bit_k(t) stack[k]``, and a round draws ``k0 + 1`` node noises.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -67,7 +68,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from fedjax_sim._validation import check_float, check_int, fail
-from fedjax_sim.server.base import ServerTransform, chain, is_cohort
+from fedjax_sim.privacy.mechanisms import TreeAggregationNoise
+from fedjax_sim.server.base import Chain, Stage, StageKind, chain
 from fedjax_sim.server.clipping import check_key, clip_per_client
 from fedjax_sim.server.noise import dp_mean_normalize
 from fedjax_sim.server.reducers import sum_updates
@@ -123,7 +125,7 @@ def _efficient_stack(stack: jax.Array, k0: jax.Array, std: float,
     def level(j, carry):
         new_stack, right = carry  # right: the estimate of level j - 1 completing now
         y = std * jax.random.normal(jax.random.fold_in(key, j), shape, stack.dtype)
-        two_j = jnp.exp2(j.astype(stack.dtype))
+        two_j = jnp.exp2(jnp.asarray(j, stack.dtype))  # j is a Python int under disable_jit
         w = two_j / (2 * two_j - 1)
         left = lax.dynamic_index_in_dim(stack, jnp.maximum(j - 1, 0), keepdims=False)
         estimate = w * y + (1 - w) * (left + right)  # w = 1 at the leaf (j = 0)
@@ -141,8 +143,8 @@ def _noise_dtype(dtype) -> jnp.dtype:
 
 def dp_ftrl_tree_noise(*, noise_multiplier: float, clip_norm: float, max_rounds: int,
                        key: jax.Array, denominator: float = 1.0,
-                       efficient: bool = False) -> ServerTransform:
-    """Aggregate transform adding DP-FTRL online tree-aggregation noise (see module doc).
+                       efficient: bool = False) -> Stage:
+    """Aggregate stage adding DP-FTRL online tree-aggregation noise (see module doc).
 
     Args:
       noise_multiplier: z, per-node noise std / clip norm (> 0).
@@ -156,10 +158,9 @@ def dp_ftrl_tree_noise(*, noise_multiplier: float, clip_norm: float, max_rounds:
         same privacy, lower noise in the released prefix sums.
 
     Returns:
-      A ServerTransform acting on the aggregate; ``update`` returns ``x_t + N_t -
-      N_{t-1}``. Its info: name ``"dp_ftrl_tree"``, ``noise_multiplier``, ``clip_norm``,
-      ``max_rounds``, ``tree_levels``, ``noise_stddev`` (per node), ``denominator``,
-      ``neighboring_relation`` (``"replace_special"``), ``efficient``.
+      An ``AGGREGATE`` stage named ``"dp_ftrl_tree"``; ``update`` returns ``x_t + N_t -
+      N_{t-1}``. Its mechanism is ``TreeAggregationNoise(z, clip_norm, max_rounds,
+      efficient)`` (the node std is ``z * clip_norm / denominator``).
     """
     z = check_float("noise_multiplier", noise_multiplier, min_value=0.0, min_exclusive=True)
     c = check_float("clip_norm", clip_norm, min_value=0.0, min_exclusive=True)
@@ -174,15 +175,13 @@ def dp_ftrl_tree_noise(*, noise_multiplier: float, clip_norm: float, max_rounds:
     levels = tree_levels(max_rounds)
     std = z * c / denom
 
-    def init(params):
+    def init(upload):
         stack = jax.tree.map(
             lambda p: jnp.zeros((levels,) + jnp.shape(p), _noise_dtype(jnp.result_type(p))),
-            params)
+            upload)
         return DPFTRLTreeState(key=key, round=jnp.zeros((), jnp.int32), tree_noise=stack)
 
     def update(value, state):
-        if is_cohort(value):
-            raise TypeError("dp_ftrl_tree_noise: acts on the aggregate; put it after a reducer")
         restart = state.round >= max_rounds
         t_new = jnp.where(restart, 1, state.round + 1).astype(jnp.int32)
         k0 = _count_trailing_zeros(t_new)  # level of the node that completes now
@@ -214,12 +213,8 @@ def dp_ftrl_tree_noise(*, noise_multiplier: float, clip_norm: float, max_rounds:
                                     tree_noise=treedef.unflatten(new_stacks))
         return treedef.unflatten(out), new_state
 
-    info = {"name": "dp_ftrl_tree", "noise_multiplier": z, "clip_norm": c,
-            "max_rounds": max_rounds, "tree_levels": levels, "noise_stddev": std,
-            "denominator": denom, "neighboring_relation": "replace_special",
-            "sensitivity_depth": math.ceil(math.log2(max_rounds + 1)),
-            "efficient": efficient}
-    return ServerTransform(init, update, info)
+    return Stage("dp_ftrl_tree", StageKind.AGGREGATE, init=init, apply=update,
+                 mechanism=TreeAggregationNoise(z, c, max_rounds, efficient))
 
 
 def tree_prefix_noise(state: DPFTRLTreeState) -> PyTree:
@@ -233,7 +228,7 @@ def tree_prefix_noise(state: DPFTRLTreeState) -> PyTree:
 
 def dp_ftrl_aggregator(clip_norm: float, noise_multiplier: float, cohort_size: int,
                        max_rounds: int, *, key: jax.Array,
-                       efficient: bool = False) -> ServerTransform:
+                       efficient: bool = False) -> Chain:
     """The DP-FTRL server aggregator as a chain (Kairouz et al. 2021, Algorithm 1).
 
     ``clip_per_client(S) -> sum_updates() -> dp_ftrl_tree_noise(z, S, max_rounds) ->
@@ -243,7 +238,7 @@ def dp_ftrl_aggregator(clip_norm: float, noise_multiplier: float, cohort_size: i
     optimiser the model is ``theta_0 + lr * (prefix sum + N_t) / cohort_size``.
 
     Guarantee: that of :func:`dp_ftrl_tree_noise` (accounted by
-    :class:`fedjax_sim.privacy.accounting.DPFTRLAccountant`); it needs a data-independent
+    :class:`fedjax_sim.privacy.DPFTRLAccountant`); it needs a data-independent
     schedule that puts a client at most once in a tree (a cyclic sampler whose pass is at
     least ``max_rounds`` rounds).
 
@@ -256,7 +251,7 @@ def dp_ftrl_aggregator(clip_norm: float, noise_multiplier: float, cohort_size: i
       efficient: Honaker's variance-reduced estimator (same privacy, less noise).
 
     Returns:
-      The chained ServerTransform (a reducer: CohortUpdates -> aggregate delta).
+      The chain (a complete one: cohort -> aggregate).
     """
     key = check_key("key", key)
     m = check_int("cohort_size", cohort_size, min_value=1)

@@ -6,14 +6,13 @@ Language Models") is the composition
     clip_per_client(S) -> sum_updates() -> gaussian_noise(z, S) -> dp_mean_normalize(qN)
 
 which :func:`dp_fedavg_aggregator` builds. Its adaptive-clipping variant (Andrew et al. 2021)
-fuses clipping, the noisy unclipped count and the noisy sum into one transform because the
-update noise must scale with the clip norm held in that transform's state.
+fuses clipping, the noisy unclipped count and the noisy sum into one streaming reducer
+because the update noise must scale with the clip norm held in that stage's state.
 
-What the accountant reads from ``info`` (see :func:`fedjax_sim.server.transform_infos`):
-``noise_multiplier`` (the z of one Gaussian mechanism per round over the sampled cohort,
-with respect to adding/removing one client) plus ``sensitivity`` and ``noise_std``. The
-sampling (Poisson or fixed size) and the number of rounds are the sampler's and the
-round's business, not these transforms'.
+The noise stages carry a typed mechanism (:class:`~fedjax_sim.privacy.GaussianSumNoise`):
+the privacy ledger (:func:`fedjax_sim.privacy.ledger_for`) reads it with the clipping
+bound and the sampler's schedule. The sampling (Poisson or fixed size) and the number of
+rounds are the sampler's and the round's business, not these stages'.
 """
 
 from __future__ import annotations
@@ -23,12 +22,15 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_sim._validation import ConfigError, check_float
-from fedjax_sim.server.base import (ServerTransform, chain, is_cohort, weighted_sum,
-                                    zero_masked)
-from fedjax_sim.server.clipping import (COUNT_SENSITIVITY, AdaptiveClipState,
-                                        adaptive_clip_step, check_adaptive_args, check_key,
-                                        clip_per_client, require_cohort)
+from fedjax_sim._trees import weighted_sum
+from fedjax_sim._validation import check_float
+from fedjax_sim.privacy.accounting import update_noise_multiplier_for
+from fedjax_sim.privacy.mechanisms import GaussianSumNoise
+from fedjax_sim.server.base import Chain, Stage, StageKind, chain
+from fedjax_sim.server.clipping import (AdaptiveClipState, adaptive_state_stats,
+                                        check_adaptive_args, check_key, clip_cohort,
+                                        clip_per_client, diagnostics_from, empty_diagnostics,
+                                        next_clip_norm)
 from fedjax_sim.server.reducers import sum_updates
 
 PyTree = Any
@@ -40,12 +42,6 @@ class GaussianNoiseState(NamedTuple):
     key: jax.Array
 
 
-def _require_aggregate(name: str, value: Any) -> None:
-    if is_cohort(value):
-        raise TypeError(f"{name}: expects an aggregate (put a reducer such as sum_updates "
-                        "before it)")
-
-
 def add_gaussian_noise(tree: PyTree, std: jax.Array | float, key: jax.Array) -> PyTree:
     """Adds independent ``N(0, std^2)`` to every coordinate of every leaf (one key per leaf)."""
     leaves, treedef = jax.tree.flatten(tree)
@@ -55,8 +51,7 @@ def add_gaussian_noise(tree: PyTree, std: jax.Array | float, key: jax.Array) -> 
     return jax.tree.unflatten(treedef, noisy)
 
 
-def gaussian_noise(noise_multiplier: float, sensitivity: float, *,
-                   key: jax.Array) -> ServerTransform:
+def gaussian_noise(noise_multiplier: float, sensitivity: float, *, key: jax.Array) -> Stage:
     """Adds ``N(0, (z * S)^2)`` to every coordinate of the aggregate.
 
     The Gaussian mechanism (Dwork & Roth 2014, Thm. A.1; analysed for composition and
@@ -70,34 +65,29 @@ def gaussian_noise(noise_multiplier: float, sensitivity: float, *,
     state and is split on every call.
 
     Args:
-      noise_multiplier: ``z >= 0`` (0 disables the noise: no privacy).
+      noise_multiplier: ``z >= 0`` (0 disables the noise: no privacy, no mechanism).
       sensitivity: ``S > 0``, the L2 sensitivity of the incoming aggregate (the clip norm).
       key: PRNG key for the noise.
 
     Returns:
-      An aggregate ServerTransform with state :class:`GaussianNoiseState` and info
-      ``{"name": "gaussian_noise", "noise_multiplier": z, "sensitivity": S,
-      "noise_std": z * S}``.
+      An ``AGGREGATE`` stage with state :class:`GaussianNoiseState` and mechanism
+      ``GaussianSumNoise(z, S)`` (None when z is 0).
     """
     z = check_float("noise_multiplier", noise_multiplier, min_value=0.0)
     s = check_float("sensitivity", sensitivity, min_value=0.0, min_exclusive=True)
     key = check_key("key", key)
     std = z * s
 
-    def init(params):
-        del params
-        return GaussianNoiseState(key)
-
-    def update(value, state):
-        _require_aggregate("gaussian_noise", value)
+    def apply(value, state):
         next_key, noise_key = jax.random.split(state.key)
         return add_gaussian_noise(value, std, noise_key), GaussianNoiseState(next_key)
 
-    return ServerTransform(init, update, {"name": "gaussian_noise", "noise_multiplier": z,
-                                          "sensitivity": s, "noise_std": std})
+    return Stage("gaussian_noise", StageKind.AGGREGATE,
+                 init=lambda upload: GaussianNoiseState(key), apply=apply,
+                 mechanism=GaussianSumNoise(z, s) if z > 0 else None)
 
 
-def dp_mean_normalize(expected_weight: float) -> ServerTransform:
+def dp_mean_normalize(expected_weight: float) -> Stage:
     """Divides the (noisy) aggregate sum by a fixed expected total weight.
 
     McMahan et al. 2018's fixed-denominator estimator ``sum_k w_k u_k / (q W)``: dividing by
@@ -109,88 +99,56 @@ def dp_mean_normalize(expected_weight: float) -> ServerTransform:
       expected_weight: ``q W > 0``.
 
     Returns:
-      An aggregate ServerTransform with info ``{"name": "dp_mean_normalize",
-      "expected_weight": qW}``.
+      A stateless ``AGGREGATE`` stage.
     """
     w = check_float("expected_weight", expected_weight, min_value=0.0, min_exclusive=True)
-
-    def init(params):
-        del params
-        return ()
-
-    def update(value, state):
-        _require_aggregate("dp_mean_normalize", value)
-        return jax.tree.map(lambda x: x / jnp.asarray(w, x.dtype), value), state
-
-    return ServerTransform(init, update, {"name": "dp_mean_normalize", "expected_weight": w})
-
-
-def effective_noise_multiplier(update_noise_multiplier: float, count_noise_std: float) -> float:
-    """The z of adaptive clipping's round: ``(z_delta^-2 + (2 sigma_b)^-2)^-1/2``.
-
-    Andrew et al. 2021, Theorem 1: the noisy clipped sum (multiplier ``z_delta``) and the
-    noisy centred unclipped count (std ``sigma_b``, sensitivity 1/2) together are one Gaussian
-    mechanism with this multiplier. Either at 0 gives 0 (no privacy).
-    """
-    zd = check_float("update_noise_multiplier", update_noise_multiplier, min_value=0.0)
-    sb = check_float("count_noise_std", count_noise_std, min_value=0.0)
-    if zd == 0.0 or sb == 0.0:
-        return 0.0
-    return (zd ** -2 + (sb / COUNT_SENSITIVITY) ** -2) ** -0.5
-
-
-def update_noise_multiplier_for(noise_multiplier: float, count_noise_std: float) -> float:
-    """Inverse of :func:`effective_noise_multiplier`: the ``z_delta`` giving a target ``z``.
-
-    Raises ConfigError unless ``z < 2 * sigma_b`` (the count alone would already cost more).
-    """
-    z = check_float("noise_multiplier", noise_multiplier, min_value=0.0)
-    sb = check_float("count_noise_std", count_noise_std, min_value=0.0)
-    if z == 0.0:
-        return 0.0
-    zc = sb / COUNT_SENSITIVITY
-    if not z < zc:
-        raise ConfigError(f"count_noise_std={sb!r}: adaptive clipping needs noise_multiplier "
-                          f"< 2*count_noise_std, got noise_multiplier={z!r}")
-    return (z ** -2 - zc ** -2) ** -0.5
+    return Stage("dp_mean_normalize", StageKind.AGGREGATE, apply=lambda value, state: (
+        jax.tree.map(lambda x: x / jnp.asarray(w, x.dtype), value), state))
 
 
 def _adaptive_clipped_gaussian_sum(initial_clip_norm, noise_multiplier, target_quantile,
                                    learning_rate, count_noise_std, expected_clients,
-                                   key) -> ServerTransform:
-    """Reducer: adaptive clip, unweighted sum, ``N(0, (z_delta C)^2)`` noise, new ``C``."""
+                                   key) -> Stage:
+    """Streaming reducer: adaptive clip, unweighted sum, ``N(0, (z_u C)^2)`` noise, new ``C``.
+
+    Per chunk: the clipped unit sum at this round's ``C``, the centred unclipped count and
+    the clip diagnostics. Per round: the noisy sum and the next ``C``.
+    """
     c0, gamma, eta, sigma_b, m = check_adaptive_args(
         initial_clip_norm, target_quantile, learning_rate, count_noise_std, expected_clients)
     z = check_float("noise_multiplier", noise_multiplier, min_value=0.0)
-    z_delta = update_noise_multiplier_for(z, sigma_b)
+    z_u = update_noise_multiplier_for(z, sigma_b)
     key = check_key("key", key)
 
-    def init(params):
-        del params
-        return AdaptiveClipState(jnp.asarray(c0, jnp.float32), key)
+    def init(upload):
+        del upload
+        return AdaptiveClipState(jnp.asarray(c0, jnp.float32), key, empty_diagnostics())
 
-    def update(value, state):
-        require_cohort("adaptive_clipped_gaussian_sum", value)
-        next_key, count_key, noise_key = jax.random.split(state.key, 3)
-        clipped, new_clip = adaptive_clip_step(
-            zero_masked(value), state.clip_norm, count_key, target_quantile=gamma,
-            learning_rate=eta, count_noise_std=sigma_b, expected_clients=m)
+    def partial(chunk, state):
+        clipped = clip_cohort(chunk, state.clip_norm)
         total = weighted_sum(clipped.updates, clipped.mask.astype(jnp.float32))
-        noisy = add_gaussian_noise(total, z_delta * state.clip_norm, noise_key)
-        return noisy, AdaptiveClipState(new_clip, next_key)
+        return total, adaptive_state_stats(chunk, state)
 
-    info = {"name": "adaptive_clipped_gaussian_sum", "noise_multiplier": z,
-            "update_noise_multiplier": z_delta, "count_noise_std": sigma_b,
-            "count_sensitivity": COUNT_SENSITIVITY, "initial_clip_norm": c0,
-            "target_quantile": gamma, "learning_rate": eta, "expected_clients": m,
-            "sensitivity": None, "noise_std": None}
-    return ServerTransform(init, update, info)
+    def finalize(contribution, state):
+        total, (count_stats, clip_stats) = contribution
+        next_key, count_key, noise_key = jax.random.split(state.key, 3)
+        new_clip = next_clip_norm(count_stats, state.clip_norm, count_key,
+                                  target_quantile=gamma, learning_rate=eta,
+                                  count_noise_std=sigma_b, expected_clients=m)
+        noisy = add_gaussian_noise(total, z_u * state.clip_norm, noise_key)
+        return noisy, AdaptiveClipState(new_clip, next_key,
+                                        diagnostics_from(clip_stats, state.clip_norm))
+
+    mechanism = GaussianSumNoise(z, None, z_u, sigma_b) if z > 0 else None
+    return Stage("adaptive_clipped_gaussian_sum", StageKind.REDUCE, init=init,
+                 partial=partial, finalize=finalize, bound="state",
+                 bound_of=lambda state: state.clip_norm, mechanism=mechanism, unit_sum=True)
 
 
 def dp_fedavg_aggregator(clip_norm: float, noise_multiplier: float, expected_clients: float,
                          *, key: jax.Array, adaptive: bool = False,
                          target_quantile: float = 0.5, clip_learning_rate: float = 0.2,
-                         count_noise_std: float | None = None) -> ServerTransform:
+                         count_noise_std: float | None = None) -> Chain:
     """The DP-FedAvg server aggregator as a chain.
 
     Fixed clipping (McMahan et al. 2018): ``clip_per_client(S) -> sum_updates() ->
@@ -199,11 +157,10 @@ def dp_fedavg_aggregator(clip_norm: float, noise_multiplier: float, expected_cli
 
     Adaptive clipping (Andrew et al. 2021): ``clip_norm`` is the initial clip norm and the
     chain is ``adaptive_clipped_gaussian_sum -> dp_mean_normalize(expected_clients)``; the
-    sum gets noise ``z_delta * C_t`` with ``z_delta`` chosen so that the round's effective
-    multiplier (their Theorem 1) equals ``noise_multiplier``. Its info reports
-    ``noise_multiplier`` (the effective z, for the accountant), ``update_noise_multiplier``
-    and ``count_noise_std``; read the current ``C_t`` with
-    :func:`fedjax_sim.server.clipping.current_clip_norm`.
+    sum gets noise ``z_u * C_t`` with ``z_u`` chosen so that the round's effective
+    multiplier (their Theorem 1) equals ``noise_multiplier``. Its mechanism reports the
+    effective z (for the ledger), ``update_noise_multiplier`` and ``count_noise_std``; read
+    the current ``C_t`` with ``chain.clip_norm(state)``.
 
     Guarantee (both): each round is one Gaussian mechanism with multiplier
     ``noise_multiplier`` w.r.t. adding/removing one client of the sampled cohort; the
@@ -222,7 +179,7 @@ def dp_fedavg_aggregator(clip_norm: float, noise_multiplier: float, expected_cli
         (the paper's recommendation).
 
     Returns:
-      The chained ServerTransform (a reducer: CohortUpdates -> aggregate delta).
+      The chain (a complete one: cohort -> aggregate).
     """
     key = check_key("key", key)
     m = check_float("expected_clients", expected_clients, min_value=0.0, min_exclusive=True)

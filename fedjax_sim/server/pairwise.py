@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fedjax_sim._trees import weighted_sum
 from fedjax_sim._validation import check_choice, check_int, fail
-from fedjax_sim.server.base import CohortUpdates, ServerTransform, cohort_size, weighted_sum
+from fedjax_sim.server.base import CohortUpdates, Stage, cohort_size
 from fedjax_sim.server.reducers import (expand_mask, num_valid, sort_valid, sorted_at,
                                         stateless_reducer)
 
@@ -104,7 +105,7 @@ def _mean_of_selected(updates: PyTree, selected: jax.Array) -> PyTree:
     return weighted_sum(updates, selected.astype(jnp.float32) / count)
 
 
-def krum(num_byzantine: int, *, block_size: int = 256) -> ServerTransform:
+def krum(num_byzantine: int, *, block_size: int = 256) -> Stage:
     """Reducer: the single unmasked update with the lowest Krum score.
 
     Blanchard, El Mhamdi, Guerraoui, Stainer 2017, "Machine Learning with Adversaries:
@@ -117,7 +118,7 @@ def krum(num_byzantine: int, *, block_size: int = 256) -> ServerTransform:
       block_size: rows of the distance matrix held at once.
 
     Returns:
-      A reducer ServerTransform with info ``{"name": "krum", "num_byzantine": f}``.
+      A non-streaming ``REDUCE`` stage named ``"krum"`` with ``min_cohort = 2f + 3``.
     """
     f = check_int("num_byzantine", num_byzantine, min_value=0)
     rows = check_int("block_size", block_size, min_value=1)
@@ -129,11 +130,11 @@ def krum(num_byzantine: int, *, block_size: int = 256) -> ServerTransform:
         return jax.tree.map(lambda x: jnp.where(num_valid(cohort) > 0, x, jnp.zeros_like(x)),
                             chosen)
 
-    return stateless_reducer("krum", reduce_fn, {"num_byzantine": f})
+    return stateless_reducer("krum", reduce_fn, min_cohort=2 * f + 3)
 
 
 def multi_krum(num_byzantine: int, num_selected: int, *,
-               block_size: int = 256) -> ServerTransform:
+               block_size: int = 256) -> Stage:
     """Reducer: the plain mean of the ``m`` unmasked updates with the lowest Krum scores.
 
     Multi-Krum (Blanchard et al. 2017, Sec. 5; El Mhamdi et al. 2018): same assumption as
@@ -146,8 +147,8 @@ def multi_krum(num_byzantine: int, num_selected: int, *,
       block_size: rows of the distance matrix held at once.
 
     Returns:
-      A reducer ServerTransform with info ``{"name": "multi_krum", "num_byzantine": f,
-      "num_selected": m}``.
+      A non-streaming ``REDUCE`` stage named ``"multi_krum"`` with ``min_cohort =
+      max(2f + 3, m)``.
     """
     f = check_int("num_byzantine", num_byzantine, min_value=0)
     m = check_int("num_selected", num_selected, min_value=1)
@@ -163,7 +164,7 @@ def multi_krum(num_byzantine: int, num_selected: int, *,
         selected = (rank < m) & cohort.mask
         return _mean_of_selected(cohort.updates, selected)
 
-    return stateless_reducer("multi_krum", reduce_fn, {"num_byzantine": f, "num_selected": m})
+    return stateless_reducer("multi_krum", reduce_fn, min_cohort=max(2 * f + 3, m))
 
 
 def _iterative_krum_selection(cohort: CohortUpdates, f: int, theta: jax.Array) -> jax.Array:
@@ -187,7 +188,7 @@ def _iterative_krum_selection(cohort: CohortUpdates, f: int, theta: jax.Array) -
 
 
 def bulyan(num_byzantine: int, *, selection: str = "one_shot",
-           block_size: int = 256) -> ServerTransform:
+           block_size: int = 256) -> Stage:
     """Reducer: Bulyan, Krum selection followed by a coordinate-wise trimmed median-mean.
 
     El Mhamdi, Guerraoui, Rouault 2018, "The Hidden Vulnerability of Distributed Learning in
@@ -208,8 +209,7 @@ def bulyan(num_byzantine: int, *, selection: str = "one_shot",
       block_size: rows of the distance matrix held at once (one-shot selection).
 
     Returns:
-      A reducer ServerTransform with info ``{"name": "bulyan", "num_byzantine": f,
-      "selection": selection}``.
+      A non-streaming ``REDUCE`` stage named ``"bulyan"`` with ``min_cohort = 4f + 3``.
     """
     f = check_int("num_byzantine", num_byzantine, min_value=0)
     mode = check_choice("selection", selection, ("one_shot", "iterative"))
@@ -243,4 +243,4 @@ def bulyan(num_byzantine: int, *, selection: str = "one_shot",
 
         return jax.tree.map(leaf, cohort.updates)
 
-    return stateless_reducer("bulyan", reduce_fn, {"num_byzantine": f, "selection": mode})
+    return stateless_reducer("bulyan", reduce_fn, min_cohort=4 * f + 3)

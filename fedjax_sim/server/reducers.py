@@ -1,9 +1,14 @@
-"""Reducers ``CohortUpdates -> aggregate``: sums, means and coordinate-wise/robust statistics.
+"""Reducers ``cohort -> aggregate``: sums, means and coordinate-wise/robust statistics.
+
+Every reducer is a ``REDUCE`` stage (:mod:`fedjax_sim.server.base`). Sums and means carry
+a streaming form (``partial`` per chunk, ``finalize`` on the total), so the round never
+stacks the cohort's uploads for them; order statistics need the stacked cohort. The chain
+zeroes masked clients before a reducer sees them.
 
 Every reducer works with a fixed cohort size ``C`` and a variable number ``n`` of unmasked
-clients inside jit: masked clients are zeroed first, and order statistics sort with masked
-entries pushed to ``+inf`` and then index the sorted array with traced positions that
-depend on ``n``. A round with no unmasked client yields an all-zero aggregate.
+clients inside jit: order statistics sort with masked entries pushed to ``+inf`` and then
+index the sorted array with traced positions that depend on ``n``. A round with no
+unmasked client yields an all-zero aggregate.
 
 Krum, Multi-Krum and Bulyan (pairwise distances) live in :mod:`fedjax_sim.server.pairwise`.
 
@@ -16,33 +21,24 @@ influence of those clients on the aggregate; it is not privacy.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fedjax_sim._trees import expand_to as expand_mask
+from fedjax_sim._trees import per_client_l2_norms, weighted_sum
 from fedjax_sim._validation import check_float, check_int
-from fedjax_sim.server.base import (CohortUpdates, ServerTransform, StreamingReducer,
-                                    cohort_size, is_cohort, weighted_sum, zero_masked)
+from fedjax_sim.server.base import (CohortUpdates, Stage, StageKind, cohort_size,
+                                    masked_weights)
 
 PyTree = Any
-
-
-def require_cohort_reducer(name: str, value: Any) -> None:
-    """Raises TypeError unless ``value`` is stacked per-client updates."""
-    if not is_cohort(value):
-        raise TypeError(f"{name}: expects CohortUpdates (it reduces the cohort axis)")
 
 
 def num_valid(cohort: CohortUpdates) -> jax.Array:
     """int32 scalar: the number of unmasked clients."""
     return jnp.sum(cohort.mask.astype(jnp.int32))
-
-
-def expand_mask(mask: jax.Array, like: jax.Array) -> jax.Array:
-    """``mask[C]`` reshaped to broadcast against a ``[C, ...]`` leaf."""
-    return mask.reshape(mask.shape + (1,) * (like.ndim - 1))
 
 
 def sort_valid(u: jax.Array, mask: jax.Array) -> jax.Array:
@@ -56,70 +52,71 @@ def sorted_at(s: jax.Array, index: jax.Array) -> jax.Array:
     return lax.dynamic_index_in_dim(s, index, axis=0, keepdims=False)
 
 
-def stateless_reducer(name: str, reduce_fn, info: dict | None = None,
-                      streaming: StreamingReducer | None = None) -> ServerTransform:
-    """A stateless reducer that applies ``reduce_fn`` to the cohort with masked rows zeroed."""
-
-    def init(params):
-        del params
-        return ()
-
-    def update(value, state):
-        require_cohort_reducer(name, value)
-        return reduce_fn(zero_masked(value)), state
-
-    return ServerTransform(init, update, {"name": name, **(info or {})}, streaming)
+def stateless_reducer(name: str, reduce_fn: Callable[[CohortUpdates], PyTree], *,
+                      min_cohort: int = 1) -> Stage:
+    """A stateless, non-streaming reducer ``reduce_fn(zero-masked cohort) -> aggregate``."""
+    return Stage(name, StageKind.REDUCE, apply=lambda cohort, state: (reduce_fn(cohort), state),
+                 min_cohort=min_cohort)
 
 
-def sum_updates(weighted: bool = False) -> ServerTransform:
-    """Reducer: the sum of the unmasked clients' updates, ``sum_c a_c u_c``.
+def sum_reducer(name: str, partial: Callable[[CohortUpdates], PyTree],
+                finalize: Callable[[PyTree], PyTree], *, unit_sum: bool = False) -> Stage:
+    """A stateless reducer that is a sum over clients: ``finalize(sum of partial(chunk))``."""
+    return Stage(name, StageKind.REDUCE, partial=lambda chunk, state: partial(chunk),
+                 finalize=lambda total, state: (finalize(total), state), unit_sum=unit_sum)
+
+
+def _divide(total: PyTree, denominator: jax.Array) -> PyTree:
+    """``total / denominator``, zero where the denominator is not positive (no NaN)."""
+    scale = jnp.where(denominator > 0, 1.0 / jnp.where(denominator > 0, denominator, 1.0), 0.0)
+    return jax.tree.map(lambda s: s * scale.astype(s.dtype), total)
+
+
+def weighted_mean() -> Stage:
+    """Reducer: the weight-normalised mean ``sum_c w_c u_c / sum_c w_c`` over unmasked clients.
+
+    With example weights this is FedAvg's aggregate; with unit weights the plain client mean.
+    A round in which every client is masked yields a zero aggregate (no NaN).
+    """
+    def partial(chunk):
+        w = masked_weights(chunk)
+        return weighted_sum(chunk.updates, w), jnp.sum(w)
+
+    return sum_reducer("weighted_mean", partial, lambda total: _divide(*total))
+
+
+def sum_updates(weighted: bool = False) -> Stage:
+    """Reducer: the sum of the unmasked clients' uploads, ``sum_c a_c u_c``.
 
     With ``weighted=False`` (the DP-FedAvg default) ``a_c = 1`` for every unmasked client, so
     after ``clip_per_client(S)`` the sum has L2 sensitivity ``S`` under adding/removing one
-    client. With ``weighted=True`` ``a_c`` is the client's weight; the sensitivity is then
-    ``S * max_c a_c``, so cap weights at 1 for DP (McMahan et al. 2018).
+    client (the stage declares ``unit_sum``). With ``weighted=True`` ``a_c`` is the
+    client's weight; the sensitivity is then ``S * max_c a_c``, so cap weights at 1 for DP
+    (McMahan et al. 2018).
 
     Args:
       weighted: multiply by the client weights.
 
     Returns:
-      A reducer ServerTransform with info ``{"name": "sum_updates", "weighted": bool}``.
+      A streaming ``REDUCE`` stage named ``"sum_updates"``.
     """
-    def reduce_fn(cohort):
-        a = cohort.weights if weighted else cohort.mask.astype(jnp.float32)
-        return weighted_sum(cohort.updates, a)
+    def partial(chunk):
+        a = chunk.weights if weighted else chunk.mask.astype(jnp.float32)
+        return weighted_sum(chunk.updates, a)
 
-    streaming = StreamingReducer(lambda chunk, state: reduce_fn(zero_masked(chunk)),
-                                 lambda total, state: (total, state))
-    return stateless_reducer("sum_updates", reduce_fn, {"weighted": bool(weighted)},
-                             streaming)
+    return sum_reducer("sum_updates", partial, lambda total: total, unit_sum=not weighted)
 
 
-def unweighted_mean() -> ServerTransform:
-    """Reducer: the plain mean ``(1/n) sum_c u_c`` over the ``n`` unmasked clients.
-
-    Returns:
-      A reducer ServerTransform (info name ``"unweighted_mean"``).
-    """
-    def reduce_fn(cohort):
-        n = num_valid(cohort).astype(jnp.float32)
-        a = cohort.mask.astype(jnp.float32) / jnp.maximum(n, 1.0)
-        return weighted_sum(cohort.updates, a)
-
-    def partial(chunk, state):
-        chunk = zero_masked(chunk)
+def unweighted_mean() -> Stage:
+    """Reducer: the plain mean ``(1/n) sum_c u_c`` over the ``n`` unmasked clients."""
+    def partial(chunk):
         return (weighted_sum(chunk.updates, chunk.mask.astype(jnp.float32)),
                 num_valid(chunk).astype(jnp.float32))
 
-    def finalize(total, state):
-        summed, n = total
-        return jax.tree.map(lambda u: u / jnp.maximum(n, 1.0).astype(u.dtype), summed), state
-
-    return stateless_reducer("unweighted_mean", reduce_fn, streaming=StreamingReducer(partial,
-                                                                               finalize))
+    return sum_reducer("unweighted_mean", partial, lambda total: _divide(*total))
 
 
-def coordinate_median() -> ServerTransform:
+def coordinate_median() -> Stage:
     """Reducer: the coordinate-wise median over the unmasked clients (weights ignored).
 
     For an even count the two middle values are averaged. Yin et al. 2018, "Byzantine-Robust
@@ -129,7 +126,7 @@ def coordinate_median() -> ServerTransform:
     skewness.
 
     Returns:
-      A reducer ServerTransform (info name ``"coordinate_median"``).
+      A non-streaming ``REDUCE`` stage named ``"coordinate_median"``.
     """
     def reduce_fn(cohort):
         n = num_valid(cohort)
@@ -144,7 +141,7 @@ def coordinate_median() -> ServerTransform:
     return stateless_reducer("coordinate_median", reduce_fn)
 
 
-def trimmed_mean(trim_fraction: float) -> ServerTransform:
+def trimmed_mean(trim_fraction: float) -> Stage:
     """Reducer: the coordinate-wise mean after dropping the ``k`` largest and ``k`` smallest.
 
     ``k = floor(trim_fraction * n)`` for the ``n`` unmasked clients (computed from a host-side
@@ -156,7 +153,7 @@ def trimmed_mean(trim_fraction: float) -> ServerTransform:
       trim_fraction: ``beta`` in ``[0, 0.5)``.
 
     Returns:
-      A reducer ServerTransform with info ``{"name": "trimmed_mean", "trim_fraction": b}``.
+      A non-streaming ``REDUCE`` stage named ``"trimmed_mean"``.
     """
     beta = check_float("trim_fraction", trim_fraction, min_value=0.0, max_value=0.5,
                        max_exclusive=True)
@@ -176,17 +173,15 @@ def trimmed_mean(trim_fraction: float) -> ServerTransform:
 
         return jax.tree.map(leaf, cohort.updates)
 
-    return stateless_reducer("trimmed_mean", reduce_fn, {"trim_fraction": beta})
+    return stateless_reducer("trimmed_mean", reduce_fn)
 
 
 def _per_client_dist(updates: PyTree, center: PyTree) -> jax.Array:
-    """``[C]`` L2 distance of each client's update to ``center`` (a params-shaped tree)."""
-    sq = [jnp.sum(jnp.square((u - v[None]).reshape(u.shape[0], -1).astype(jnp.float32)),
-                  axis=1) for u, v in zip(jax.tree.leaves(updates), jax.tree.leaves(center))]
-    return jnp.sqrt(sum(sq))
+    """``[C]`` L2 distance of each client's upload to ``center`` (an upload-shaped tree)."""
+    return per_client_l2_norms(jax.tree.map(lambda u, v: u - v[None], updates, center))
 
 
-def geometric_median(num_iters: int = 8, eps: float = 1e-6) -> ServerTransform:
+def geometric_median(num_iters: int = 8, eps: float = 1e-6) -> Stage:
     """Reducer: the weighted geometric median by the smoothed Weiszfeld algorithm.
 
     Robust Federated Aggregation (Pillutla, Kakade, Harchaoui 2022, "Robust Aggregation for
@@ -200,8 +195,7 @@ def geometric_median(num_iters: int = 8, eps: float = 1e-6) -> ServerTransform:
       eps: smoothing ``nu > 0`` that keeps the weights finite near a data point.
 
     Returns:
-      A reducer ServerTransform with info ``{"name": "geometric_median", "num_iters",
-      "eps"}``.
+      A non-streaming ``REDUCE`` stage named ``"geometric_median"``.
     """
     iters = check_int("num_iters", num_iters, min_value=0)
     nu = check_float("eps", eps, min_value=0.0, min_exclusive=True)
@@ -218,37 +212,41 @@ def geometric_median(num_iters: int = 8, eps: float = 1e-6) -> ServerTransform:
 
         return lax.fori_loop(0, iters, step, weighted_sum(cohort.updates, a))
 
-    return stateless_reducer("geometric_median", reduce_fn, {"num_iters": iters, "eps": nu})
+    return stateless_reducer("geometric_median", reduce_fn)
 
 
-def centered_clipping(tau: float, num_iters: int = 1) -> ServerTransform:
+def centered_clipping(tau: float, num_iters: int = 1) -> Stage:
     """Reducer: centred clipping around the previous round's aggregate.
 
     Karimireddy, He, Jaggi 2021, "Learning from History for Byzantine Robust Optimization":
     from ``v_0`` = last round's aggregate (kept in the state), repeat
     ``v <- v + (1/n) sum_i (u_i - v) * min(1, tau / ||u_i - v||)`` over the ``n`` unmasked
-    clients (weights ignored). With client momentum and a fraction ``delta < 1/2`` Byzantine,
-    they prove convergence to a neighbourhood that shrinks with ``delta``; each Byzantine
-    client moves the aggregate by at most ``tau / n`` per iteration. A round with no
-    unmasked client yields zero and keeps the state.
+    clients (weights ignored). Each Byzantine client moves the aggregate by at most
+    ``tau / n`` per iteration, whatever it sends.
+
+    Their convergence guarantee (a neighbourhood that shrinks with the Byzantine fraction
+    ``delta < 1/2``) is for clients that upload *worker momentum*, ``m_i <- (1 - beta)
+    g_i + beta m_i`` kept across rounds: momentum averages out the honest clients'
+    variance, which is what lets a Byzantine update stand out in distance. Pair this
+    reducer with :func:`fedjax_sim.algorithms.with_worker_momentum` (``worker_momentum``
+    in the config) for that setting; with plain uploads it only bounds each client's
+    per-round influence as stated above. A round with no unmasked client yields zero and
+    keeps the state.
 
     Args:
       tau: clipping radius ``> 0``.
       num_iters: iterations ``>= 1`` (the paper: 1 suffices with momentum).
 
     Returns:
-      A reducer ServerTransform whose state is the previous aggregate (params-shaped), info
-      ``{"name": "centered_clipping", "tau", "num_iters"}``.
+      A non-streaming ``REDUCE`` stage whose state is the previous aggregate.
     """
     radius = check_float("tau", tau, min_value=0.0, min_exclusive=True)
     iters = check_int("num_iters", num_iters, min_value=1)
 
-    def init(params):
-        return jax.tree.map(jnp.zeros_like, params)
+    def init(upload):
+        return jax.tree.map(jnp.zeros_like, upload)
 
-    def update(value, state):
-        require_cohort_reducer("centered_clipping", value)
-        cohort = zero_masked(value)
+    def apply(cohort, state):
         n = num_valid(cohort)
         maskf = cohort.mask.astype(jnp.float32)
 
@@ -266,5 +264,4 @@ def centered_clipping(tau: float, num_iters: int = 1) -> ServerTransform:
         new_state = jax.tree.map(lambda x, s: jnp.where(n > 0, x, s), v, state)
         return out, new_state
 
-    return ServerTransform(init, update,
-                           {"name": "centered_clipping", "tau": radius, "num_iters": iters})
+    return Stage("centered_clipping", StageKind.REDUCE, init=init, apply=apply)

@@ -25,14 +25,38 @@ configuration prints one ``fedjax-sim privacy: error: ...`` line to stderr and r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
 
-from fedjax_sim._validation import ConfigError, check_float, check_int, fail
+from fedjax_sim._validation import ConfigError, fail
+from fedjax_sim.experiment.flags import add_field_flags
+from fedjax_sim.experiment.schema import option, section_fields
 from fedjax_sim.privacy import accounting as acc
+from fedjax_sim.privacy import dp_ftrl_accounting as ftrl
+from fedjax_sim.privacy.schedule import SamplingSpec
 
 MECHANISMS = ("sampled_gaussian", "dp_ftrl_tree")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyQuery:
+    """The ``privacy`` subcommand's own fields (the others are the run's, shared)."""
+
+    mechanism: str = option("sampled_gaussian", "sampled Gaussian rounds, or DP-FTRL tree "
+                            "aggregation", choices=MECHANISMS)
+    participation: str | None = option(None, "dp_ftrl_tree without a cyclic schedule: each "
+                                       "client in at most one round overall (once, the "
+                                       "default) or once per tree",
+                                       choices=ftrl.DP_FTRL_PARTICIPATION)
+
+
+# The run's fields this subcommand shares (flat key -> extra flags of earlier versions).
+SHARED = {"noise_multiplier": (), "target_epsilon": (), "sampling": (),
+          "sampling_rate": ("--rate",), "cohort_size": (), "num_clients": ("--population",),
+          "rounds": (), "delta": (), "accountant": (), "ftrl_restart_rounds": ("--max-rounds",)}
+OWN = section_fields(PrivacyQuery, "privacy")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -40,54 +64,79 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     The parsed namespace carries ``func=run``.
     """
+    from fedjax_sim.experiment.config import FIELDS
+
     p = subparsers.add_parser(
         "privacy", help="client-level DP epsilon for a noise multiplier (or the reverse)",
         description="Client-level (epsilon, delta) of DP federated rounds via dp-accounting. "
                     "Poisson sampling: add/remove-one-client adjacency; fixed-size: "
                     "replace-one-client; dp_ftrl_tree: replace-one-client-with-zero.")
-    goal = p.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--noise-multiplier", type=float, metavar="Z",
-                      help="noise std / clip norm; prints epsilon")
-    goal.add_argument("--target-epsilon", type=float, metavar="E",
-                      help="prints the smallest noise multiplier reaching this epsilon")
-    p.add_argument("--mechanism", choices=MECHANISMS, default="sampled_gaussian",
-                   help="sampled Gaussian rounds (default) or DP-FTRL tree aggregation")
-    p.add_argument("--sampling", choices=acc.SAMPLING_KINDS, default=None,
-                   help="cohort sampling (required for sampled_gaussian)")
-    p.add_argument("--rate", type=float, metavar="Q", help="Poisson inclusion probability")
-    p.add_argument("--cohort-size", type=int, metavar="M",
-                   help="fixed cohort size (dp_ftrl_tree: of a cyclic schedule)")
-    p.add_argument("--population", type=int, metavar="N",
-                   help="population size (dp_ftrl_tree: of a cyclic schedule)")
-    p.add_argument("--rounds", type=int, required=True, metavar="T")
-    p.add_argument("--delta", type=float, required=True, metavar="D")
-    p.add_argument("--accountant", choices=acc.ACCOUNTANTS, default="rdp")
-    p.add_argument("--max-rounds", type=int, default=None,
-                   help="dp_ftrl_tree: tree size (restarts every this many rounds; with "
-                        "a cyclic schedule default one pass)")
-    p.add_argument("--participation", choices=acc.DP_FTRL_PARTICIPATION, default=None,
-                   help="dp_ftrl_tree without a cyclic schedule: each client in at most "
-                        "one round overall (default) / per tree")
+    goal = p.add_mutually_exclusive_group()  # prints epsilon, or calibrates z
+    add_field_flags(goal, [FIELDS["noise_multiplier"], FIELDS["target_epsilon"]])
+    add_field_flags(p, [FIELDS[k] for k in SHARED if k not in ("noise_multiplier",
+                                                                "target_epsilon")],
+                    flags=SHARED)
+    add_field_flags(p, OWN)
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=run)
     return p
 
 
+@dataclasses.dataclass(frozen=True)
+class _Args:
+    """The parsed values, each validated by its field (None: not given)."""
+
+    noise_multiplier: float | None
+    target_epsilon: float | None
+    sampling: str | None
+    rate: float | None
+    cohort_size: int | None
+    population: int | None
+    rounds: int | None
+    delta: float | None
+    accountant: str
+    max_rounds: int | None
+    mechanism: str
+    participation: str | None
+
+
+def _parse(ns: argparse.Namespace) -> _Args:
+    from fedjax_sim.experiment.config import FIELDS
+
+    def value(key):
+        raw = getattr(ns, key)
+        spec = FIELDS.get(key) or next(s for s in OWN if s.key == key)
+        return None if raw is None else spec.coerce(raw)
+
+    z, eps = value("noise_multiplier"), value("target_epsilon")
+    if (z is None) == (eps is None):
+        fail("--noise-multiplier", z, "give exactly one of --noise-multiplier (prints "
+             "epsilon) and --target-epsilon (prints the noise multiplier)")
+    for flag, key in (("--rounds", "rounds"), ("--delta", "delta")):
+        if getattr(ns, key) is None:
+            fail(flag, None, "is required")
+    return _Args(z, eps, value("sampling"), value("sampling_rate"), value("cohort_size"),
+                 value("num_clients"), value("rounds"), value("delta"),
+                 value("accountant") or "rdp", value("ftrl_restart_rounds"),
+                 value("mechanism") or "sampled_gaussian", value("participation"))
+
+
 def _sampling(args) -> acc.SamplingSpec:
-    if args.sampling is None:
-        fail("--sampling", None, "required for --mechanism sampled_gaussian (poisson|fixed)")
+    if args.sampling is None or args.sampling == "cyclic":
+        fail("--sampling", args.sampling, "--mechanism sampled_gaussian needs --sampling "
+             "poisson or fixed")
     if args.sampling == "poisson":
         if args.cohort_size is not None:
             fail("--cohort-size", args.cohort_size, "only for --sampling fixed")
         if args.rate is None:
             fail("--rate", None, "--sampling poisson needs --rate Q in (0, 1]")
-        return acc.SamplingSpec.poisson(args.rate, population_size=args.population)
+        return SamplingSpec.poisson(args.rate, population_size=args.population)
     if args.rate is not None:
         fail("--rate", args.rate, "only for --sampling poisson")
     if args.cohort_size is None or args.population is None:
         fail("--cohort-size" if args.cohort_size is None else "--population", None,
              "--sampling fixed needs --cohort-size M and --population N")
-    return acc.SamplingSpec.fixed(args.cohort_size, args.population)
+    return SamplingSpec.fixed(args.cohort_size, args.population)
 
 
 def _compute(args) -> dict[str, Any]:
@@ -120,7 +169,6 @@ def _compute_dp_ftrl(args, out: dict[str, Any]) -> dict[str, Any]:
             fail(flag, val, "not used by --mechanism dp_ftrl_tree (no sampling)")
     if args.accountant != "rdp":
         fail("--accountant", args.accountant, "dp_ftrl_tree is accounted with rdp")
-    check_int("--rounds", args.rounds, min_value=1)
     max_rounds, participation = args.max_rounds, args.participation or "once"
     cyclic = args.cohort_size is not None or args.population is not None
     if cyclic:
@@ -130,28 +178,26 @@ def _compute_dp_ftrl(args, out: dict[str, Any]) -> dict[str, Any]:
         if args.participation is not None:
             fail("--participation", args.participation,
                  "follows from the cyclic schedule (--cohort-size, --population)")
-        per_pass = acc.cyclic_rounds_per_pass(args.population, args.cohort_size)
+        per_pass = ftrl.cyclic_rounds_per_pass(args.population, args.cohort_size)
         max_rounds = per_pass if max_rounds is None else max_rounds
         if max_rounds > per_pass:
             fail("--max-rounds", max_rounds,
                  f"exceeds one pass of the cyclic schedule (N // M = {per_pass} rounds): a "
                  "client could contribute twice to one tree")
-        participation = acc.dp_ftrl_participation(args.rounds, per_pass)
+        participation = ftrl.dp_ftrl_participation(args.rounds, per_pass)
         out.update(sampling=f"cyclic(m={args.cohort_size}, n={args.population})",
                    rounds_per_pass=per_pass)
     out.update(accountant="rdp", participation=participation, max_rounds=max_rounds,
                neighboring_relation="replace_special")
     if args.target_epsilon is not None:
-        check_float("--target-epsilon", args.target_epsilon, min_value=0.0,
-                    min_exclusive=True)
-        z = acc.calibrate_dp_ftrl_noise_multiplier(
+        z = ftrl.calibrate_dp_ftrl_noise_multiplier(
             args.target_epsilon, args.delta, args.rounds, max_rounds=max_rounds,
             participation=participation)
         out.update(target_epsilon=args.target_epsilon, noise_multiplier=z)
     else:
         z = args.noise_multiplier
         out.update(noise_multiplier=z)
-    out["epsilon"] = acc.dp_ftrl_epsilon(z, args.rounds, args.delta, max_rounds=max_rounds,
+    out["epsilon"] = ftrl.dp_ftrl_epsilon(z, args.rounds, args.delta, max_rounds=max_rounds,
                                          participation=participation)
     return out
 
@@ -174,14 +220,15 @@ def _format(out: dict[str, Any]) -> str:
             f"{out['noise_multiplier']:g}; {where})")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(ns: argparse.Namespace) -> int:
     """Runs the ``privacy`` subcommand; returns the process exit code (0 ok, 2 bad config)."""
     try:
+        args = _parse(ns)
         out = _compute(args)
     except ConfigError as e:
         print(f"fedjax-sim privacy: error: {e}", file=sys.stderr)
         return 2
-    if args.json:
+    if ns.json:
         print(json.dumps(out, sort_keys=True))
     else:
         print(_format(out))
