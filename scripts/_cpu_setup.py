@@ -4,7 +4,12 @@
 engine and the centralised baseline run on the same cores: XLA:CPU sizes its thread pool
 from the cores the process may use, so on a 2-core machine a one-device engine runs its
 batched client updates on one thread while the centralised GEMMs use both, unless both
-are pinned. ``--devices`` (any value) asks for one XLA host device per allowed core.
+are pinned. ``--devices`` (any value) asks for one XLA host device per allowed core
+(:func:`fedjax_sim.use_every_cpu_core`).
+
+Importing ``fedjax_sim`` imports JAX but does not start its backends (they start on the
+first device query or computation), so both settings still take effect here;
+``tests/test_benchmark_scripts.py`` checks that.
 """
 
 from __future__ import annotations
@@ -12,12 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
-
-def allowed_cores() -> int:
-    """The number of CPU cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+import fedjax_sim as fs
 
 
 def configure_cpu(argv: list[str]) -> None:
@@ -25,13 +25,13 @@ def configure_cpu(argv: list[str]) -> None:
     if "--cores" in argv:
         i = argv.index("--cores")
         value = argv[i + 1] if i + 1 < len(argv) else ""
-        if not value.isdigit() or int(value) > allowed_cores():
-            sys.exit(f"error: --cores={value!r}: must be an integer in 0..{allowed_cores()} "
+        cores = fs.usable_cores()
+        if not value.isdigit() or int(value) > cores:
+            sys.exit(f"error: --cores={value!r}: must be an integer in 0..{cores} "
                      "(the cores this process may use)")
         if int(value) > 0:
             if not hasattr(os, "sched_setaffinity"):
                 sys.exit(f"error: --cores={value}: pinning needs Linux (sched_setaffinity)")
             os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:int(value)])
-    if "--devices" in argv:
-        from fedjax_sim.cli import use_every_cpu_core
-        use_every_cpu_core()
+    if "--devices" in argv:  # after pinning: one device per core left to the process
+        fs.use_every_cpu_core()

@@ -37,26 +37,26 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fedjax_sim._validation import ConfigError
-    from fedjax_sim.attacks.plots import save_reconstruction_grid
-    from fedjax_sim.attacks.sweep import defence_sweep, plot_sweep, write_table
+    import fedjax_sim as fs
+
+    sweep = fs.attacks.sweep
 
     start = time.perf_counter()
     try:
-        rows, images = defence_sweep(
+        rows, images = sweep.defence_sweep(
             seed=args.seed, num_victims=args.num_victims, steps=args.steps,
             restarts=args.restarts, small=args.small,
             progress=lambda s: print(f"[{time.perf_counter() - start:6.1f} s] {s}",
                                      file=sys.stderr))
-    except ConfigError as e:
+    except fs.ConfigError as e:
         print(f"attack_sweep: error: {e}", file=sys.stderr)
         return 2
-    paths = write_table(rows, args.output)
-    fig = plot_sweep(rows)
+    paths = sweep.write_table(rows, args.output)
+    fig = sweep.plot_sweep(rows)
     paths["png"] = os.path.join(args.output, "sweep.png")
     fig.savefig(paths["png"], dpi=110)
     plt.close(fig)
-    paths["grid"] = save_reconstruction_grid(
+    paths["grid"] = fs.attacks.plots.save_reconstruction_grid(
         os.path.join(args.output, "grid.png"),
         [(label, o, r) for label, (o, r) in images.items()], max_columns=6,
         title="originals (top) vs reconstructions (bottom)")

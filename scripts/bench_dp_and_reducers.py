@@ -4,10 +4,11 @@
     population, softmax model, FedAvg local training, fixed-size cohort) with the
     server chain swapped: ``fedavg`` (example-weighted mean) vs ``dp_fedavg`` (clip each
     client, sum, Gaussian noise, divide by the cohort: streams chunk by chunk like the
-    mean) vs ``dp_fedavg_adaptive`` (Andrew et al. 2021 adaptive clipping: not a
-    streaming chain, so the cohort's deltas are stacked). Rounds of the variants are
-    interleaved and the median steady-state time is reported, with the ratio to FedAvg.
-(b) ``kind="reducer"``: one jitted server-transform update on stacked random client
+    mean) vs ``dp_fedavg_adaptive`` (Andrew et al. 2021 adaptive clipping; ``streaming``
+    in the record says whether the round reduced chunk by chunk or stacked the cohort's
+    deltas). Rounds of the variants are interleaved and the median steady-state time is
+    reported, with the ratio to FedAvg.
+(b) ``kind="reducer"``: one jitted server-chain update on stacked random client
     updates shaped like a 2-layer MLP 60-32-10 (2,282 parameters) at each cohort size:
     mean, median, trimmed mean (10%), Krum, Multi-Krum, Bulyan (f = 1% of the cohort),
     geometric median (8 Weiszfeld iterations), centred clipping, and the DP-FedAvg chain.
@@ -34,14 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_sim.algorithms import make_algorithm
-from fedjax_sim.data.label_skew import procedural_label_skew
-from fedjax_sim.models import make_model
-from fedjax_sim.rounds import make_round
-from fedjax_sim.sampling import FixedSizeSampler
-from fedjax_sim.server import (CohortUpdates, bulyan, centered_clipping, coordinate_median,
-                               dp_fedavg_aggregator, geometric_median, krum, multi_krum,
-                               trimmed_mean, weighted_mean)
+import fedjax_sim as fs
+
+S = fs.server
 
 MLP_SHAPES = {"w1": (60, 32), "b1": (32,), "w2": (32, 10), "b2": (10,)}
 
@@ -59,23 +55,24 @@ def _block(tree):
 
 def bench_round(cohort: int, rounds: int, num_clients: int) -> list[dict]:
     """FedAvg vs DP-FedAvg (fixed and adaptive clipping) round time on the main job."""
-    pop = procedural_label_skew(num_clients, alpha=0.3, seed=0, max_examples=64)
-    model = make_model("softmax", pop.example_shape, pop.num_classes)
+    pop = fs.data.procedural_label_skew(num_clients, alpha=0.3, seed=0, max_examples=64)
+    model = fs.make_model("softmax", pop.example_shape, pop.num_classes)
     key = jax.random.key(0)
     chains = {
-        "fedavg": weighted_mean(),
-        "dp_fedavg": dp_fedavg_aggregator(0.5, 1.0, cohort, key=key),
-        "dp_fedavg_adaptive": dp_fedavg_aggregator(0.5, 1.0, cohort, key=key,
-                                                   adaptive=True),
+        "fedavg": S.weighted_mean(),
+        "dp_fedavg": S.dp_fedavg_aggregator(0.5, 1.0, cohort, key=key),
+        "dp_fedavg_adaptive": S.dp_fedavg_aggregator(0.5, 1.0, cohort, key=key,
+                                                     adaptive=True),
     }
-    sampler = FixedSizeSampler(num_clients, cohort)
-    steps, states, compiles, times, chunk = {}, {}, {}, {}, None
-    for name, transform in chains.items():
-        alg = make_algorithm("fedavg", client_lr=0.05, local_epochs=2, batch_size=10,
-                             weighting="uniform" if name != "fedavg" else "examples",
-                             server_transform=transform)
-        fr = make_round(model, alg, sampler, max_examples=pop.max_examples)
-        chunk = fr.chunk_size
+    sampler = fs.FixedSizeSampler(num_clients, cohort)
+    steps, states, compiles, times, streaming, chunk = {}, {}, {}, {}, {}, None
+    for name, aggregator in chains.items():
+        alg = fs.make_algorithm("fedavg", model, client_lr=0.05, local_epochs=2,
+                                batch_size=10,
+                                weighting="uniform" if name != "fedavg" else "examples",
+                                aggregator=aggregator)
+        fr = fs.make_round(alg, sampler)
+        chunk, streaming[name] = fr.chunk_size, fr.streaming
         state = fr.init(jax.random.key(1))
         t0 = time.perf_counter()
         steps[name] = fr.step.lower(state, pop, jax.random.key(2)).compile()
@@ -97,7 +94,7 @@ def bench_round(cohort: int, rounds: int, num_clients: int) -> list[dict]:
             "kind": "round", "variant": name, "cohort": cohort, "population": num_clients,
             "model": "softmax 60->10", "num_params": model.num_params(states[name].params),
             "local_epochs": 2, "batch_size": 10, "chunk_size": chunk,
-            "streaming": chains[name].streaming is not None,
+            "streaming": streaming[name],
             "compile_s": round(compiles[name], 3), "round_s_median": round(med, 4),
             "round_s_min": round(min(times[name]), 4), "rounds_timed": rounds,
             "ratio_to_fedavg": round(med / base, 3),
@@ -105,26 +102,31 @@ def bench_round(cohort: int, rounds: int, num_clients: int) -> list[dict]:
     return records
 
 
-def random_cohort(cohort: int, seed: int = 0) -> CohortUpdates:
+def random_cohort(cohort: int, seed: int = 0) -> S.CohortUpdates:
     rng = np.random.default_rng(seed)
     updates = {k: jnp.asarray(rng.normal(size=(cohort, *s)).astype(np.float32) * 0.01)
                for k, s in MLP_SHAPES.items()}
-    return CohortUpdates(updates, jnp.ones((cohort,), jnp.float32),
-                         jnp.ones((cohort,), bool))
+    return S.CohortUpdates(updates, jnp.ones((cohort,), jnp.float32),
+                           jnp.ones((cohort,), bool))
 
 
 def reducers(cohort: int) -> dict:
+    """``name -> (stage or chain, its settings)``; the settings are the record's
+    ``params``."""
     f = max(1, cohort // 100)
     return {
-        "mean": weighted_mean(),
-        "median": coordinate_median(),
-        "trimmed_mean": trimmed_mean(0.1),
-        "krum": krum(f),
-        "multi_krum": multi_krum(f, cohort - f),
-        "bulyan": bulyan(f),
-        "geometric_median": geometric_median(),
-        "centered_clipping": centered_clipping(1.0),
-        "dp_fedavg": dp_fedavg_aggregator(1.0, 1.0, cohort, key=jax.random.key(0)),
+        "mean": (S.weighted_mean(), {}),
+        "median": (S.coordinate_median(), {}),
+        "trimmed_mean": (S.trimmed_mean(0.1), {"trim_fraction": 0.1}),
+        "krum": (S.krum(f), {"num_byzantine": f}),
+        "multi_krum": (S.multi_krum(f, cohort - f),
+                       {"num_byzantine": f, "num_selected": cohort - f}),
+        "bulyan": (S.bulyan(f), {"num_byzantine": f, "selection": "one_shot"}),
+        "geometric_median": (S.geometric_median(8, 1e-6), {"num_iters": 8, "eps": 1e-6}),
+        "centered_clipping": (S.centered_clipping(1.0, 1), {"tau": 1.0, "num_iters": 1}),
+        "dp_fedavg": (S.dp_fedavg_aggregator(1.0, 1.0, cohort, key=jax.random.key(0)),
+                      {"clip_norm": 1.0, "noise_multiplier": 1.0,
+                       "expected_clients": cohort}),
     }
 
 
@@ -133,20 +135,19 @@ def bench_reducers(cohort: int, repeats: int):
     values = random_cohort(cohort)
     params = jax.tree.map(lambda u: u[0], values.updates)
     num_params = sum(int(np.prod(s)) for s in MLP_SHAPES.values())
-    for name, transform in reducers(cohort).items():
-        state = transform.init(params)
+    for name, (aggregator, settings) in reducers(cohort).items():
+        state = aggregator.init(params)
         t0 = time.perf_counter()
-        fn = jax.jit(transform.update).lower(values, state).compile()
+        fn = jax.jit(aggregator.update).lower(values, state).compile()
         compile_s = time.perf_counter() - t0
         times = []  # AOT-compiled: the first call does no tracing, so no warm-up call
         for _ in range(repeats):
             t0 = time.perf_counter()
             _block(fn(values, state))
             times.append(time.perf_counter() - t0)
-        info = {k: v for k, v in dict(transform.info).items() if k != "chain"}
         yield {"kind": "reducer", "reducer": name, "cohort": cohort,
                "model": "mlp 60-32-10", "num_params": num_params,
-               "params": {k: v for k, v in info.items() if k != "name"},
+               "params": settings, "stages": list(S.as_chain(aggregator).names),
                "compile_s": round(compile_s, 3),
                "steady_s_median": round(statistics.median(times), 4),
                "steady_s_min": round(min(times), 4), "repeats": repeats}

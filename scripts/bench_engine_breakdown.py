@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 
-from _cpu_setup import allowed_cores, configure_cpu
+from _cpu_setup import configure_cpu
 
 if __name__ == "__main__":  # --cores / --devices act before JAX starts its backends
     configure_cpu(sys.argv)
@@ -37,12 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+import fedjax_sim as fs
 from bench_throughput import (EXAMPLE_SHAPES, centralised_equivalent, make_population,
                               make_workload_model)
-from fedjax_sim.algorithms import make_algorithm
-from fedjax_sim.cohort import CLIENTS_AXIS, client_mesh
-from fedjax_sim.rounds import make_round
-from fedjax_sim.sampling import FixedSizeSampler
 
 LR = 0.05
 
@@ -71,12 +68,12 @@ def make_bare(model, chunk, mesh):
 
     if mesh is None:
         return jax.jit(local)
-    spec = PartitionSpec(CLIENTS_AXIS)
+    axis = mesh.axis_names[0]  # the round's clients axis (fs.client_mesh)
+    spec = PartitionSpec(axis)
 
     def sharded(params, x, y):
         return jax.shard_map(
-            lambda p, a, b: jax.tree.map(lambda t: jax.lax.psum(t, CLIENTS_AXIS),
-                                         local(p, a, b)),
+            lambda p, a, b: jax.tree.map(lambda t: jax.lax.psum(t, axis), local(p, a, b)),
             mesh=mesh, in_specs=(PartitionSpec(), spec, spec), out_specs=PartitionSpec(),
             check_vma=False)(params, x, y)
 
@@ -99,16 +96,19 @@ def main():
     if n % b:
         p.error(f"--examples={n} must be a multiple of --batch-size={b}")
     steps = n // b
-    devices = jax.devices() if args.devices == 0 else jax.devices()[:args.devices]
-    mesh = None if len(devices) == 1 else client_mesh(devices)
-    if c % len(devices):
-        p.error(f"--cohort={c} must be a multiple of the {len(devices)} devices")
+    try:
+        mesh = fs.mesh_for(args.devices)
+    except fs.ConfigError as e:
+        p.error(f"--devices: {e}")
+    num_devices = 1 if mesh is None else mesh.size
+    if c % num_devices:
+        p.error(f"--cohort={c} must be a multiple of the {num_devices} devices")
 
     model = make_workload_model(args.workload)
     shape = EXAMPLE_SHAPES[args.workload]
     data = make_population(c, n, example_shape=shape)
-    alg = make_algorithm("fedavg", client_lr=LR, local_epochs=1, batch_size=b)
-    fr = make_round(model, alg, FixedSizeSampler(c, c), max_examples=n, mesh=mesh)
+    alg = fs.make_algorithm("fedavg", model, client_lr=LR, local_epochs=1, batch_size=b)
+    fr = fs.make_round(alg, fs.FixedSizeSampler(c, c), mesh=mesh)
     state = fr.init(jax.random.key(0))
     t0 = time.perf_counter()
     engine_step = fr.step.lower(state, data, jax.random.key(1)).compile()
@@ -116,13 +116,13 @@ def main():
     params = state.params
 
     # The bare chunk: the largest divisor of the per-device cohort up to the engine's.
-    per_device = c // len(devices)
+    per_device = c // num_devices
     chunk = max(d for d in range(1, fr.chunk_size + 1) if per_device % d == 0)
     bare = make_bare(model, chunk, mesh)
     x = np.asarray(data.x)[:, :n].reshape((c, steps, b) + shape)
     y = np.asarray(data.y)[:, :n].reshape(c, steps, b)
     if mesh is not None:
-        shard = NamedSharding(mesh, PartitionSpec(CLIENTS_AXIS))
+        shard = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
         x, y = jax.device_put(x, shard), jax.device_put(y, shard)
     else:
         x, y = jnp.asarray(x), jnp.asarray(y)
@@ -149,7 +149,7 @@ def main():
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     record = {"workload": args.workload, "cohort": c, "examples_per_client": n,
-              "batch_size": b, "local_steps": steps, "devices": len(devices),
+              "batch_size": b, "local_steps": steps, "devices": num_devices,
               "engine_chunk": fr.chunk_size, "bare_chunk": chunk,
               "engine_compile_s": engine_compile,
               **{f"{k}_round_s": v for k, v in med.items()},
@@ -157,7 +157,7 @@ def main():
               "engine_vs_central_time": med["engine"] / med["central"],
               "bare_vs_central_time": med["bare"] / med["central"],
               "engine_vs_bare_time": med["engine"] / med["bare"],
-              "cores": allowed_cores(),
+              "cores": fs.usable_cores(),
               "jax": jax.__version__, "backend": jax.default_backend(),
               "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(record), flush=True)

@@ -19,11 +19,14 @@ batch 10. The adversary is 1% of the population (``malicious_by_permutation``), 
 The library's attacks are ``StagedAttack``s: every client trains once, on poisoned data if
 it is malicious (a per-client select on the data), and malicious outputs are rewritten.
 A generic attack callable that trains on other data makes the whole cohort train twice
-(under vmap a branch is a select); the control measures that. Each variant is compiled ahead of time (``lower().compile()``), warmed
-up once, then the variants' rounds are interleaved so load changes hit all of them alike.
-Poisoned variants pass ``is_malicious`` to ``make_round`` as ``fedjax-sim run`` does, so
-they also pay for the per-round alignment metrics. The steady-state median round time and its ratio to ``honest_mean`` (and to the honest
-round of the same defence) are reported; compile time is reported apart.
+(under vmap a branch is a select); the control measures that. ALIE's clients train
+honestly; the colluding stage first in the server chain forges their rows. Each variant is
+compiled ahead of time (``lower().compile()``), warmed up once, then the variants' rounds
+are interleaved so load changes hit all of them alike. Poisoned variants add the
+``poisoning_diagnostics(is_malicious)`` observer to the round as ``fedjax-sim run`` does,
+so they also pay for the per-round alignment metrics. The steady-state median round time
+and its ratio to ``honest_mean`` (and to the honest round of the same defence) are
+reported; compile time is reported apart.
 
 Usage: python scripts/bench_poisoning.py [--population 10000] [--cohort 1000]
            [--fraction 0.01] [--rounds 20] [--output docs/bench_poisoning.jsonl]
@@ -41,14 +44,9 @@ import time
 
 import jax
 
-import fedjax_sim.poisoning as P
-from fedjax_sim import server as S
-from fedjax_sim.algorithms import make_algorithm
-from fedjax_sim.client_update import make_client_update
-from fedjax_sim.data.label_skew import procedural_label_skew
-from fedjax_sim.models import make_model
-from fedjax_sim.rounds import make_round
-from fedjax_sim.sampling import FixedSizeSampler
+import fedjax_sim as fs
+
+P, S = fs.poisoning, fs.server
 
 # variant -> (defence, attack)
 VARIANTS = {
@@ -96,36 +94,35 @@ def build_variant(name: str, *, pop, model, sampler, cohort: int, num_malicious:
     """The FederatedRound of one variant."""
     defence, attack = VARIANTS[name]
     reducer = S.weighted_mean() if defence == "mean" else S.coordinate_median()
-    transform = S.chain(P.omniscient_attack("alie"), reducer) if attack == "alie" else reducer
-    alg = make_algorithm("fedavg", client_lr=0.05, local_epochs=2, batch_size=10,
-                         server_transform=transform)
-    client_update = is_mal = None
+    alg = fs.make_algorithm("fedavg", model, client_lr=0.05, local_epochs=2, batch_size=10,
+                            aggregator=reducer)
+    observers = []
     if attack != "none":
-        honest = make_client_update(model, alg.client, pop.max_examples)
-        if attack == "model_replacement":
-            trig = P.feature_trigger((0, 1, 2), 3.0)
-            bad = P.model_replacement(trig, 0, boost=float(cohort))  # n / eta, eta = 1
-        elif attack == "second_pass":
-            def bad(honest_update, params, data, key, client_state):
-                # A new data object: the wrapper cannot reuse the honest run.
-                return honest_update(params, data.replace(x=data.x), key, client_state)
-        elif attack == "sign_flip":
-            bad = P.sign_flip(1.0)
-        else:
-            bad = P.tag_for_server
         is_mal = P.malicious_by_permutation(pop.num_clients, num_malicious, seed=0)
-        client_update = P.make_adversarial_client_update(honest, bad, is_mal)
-    # As the runner does: a poisoned round also logs the aggregate's alignment with the
-    # honest clients' mean (a second streamed accumulator), so that cost is included.
-    return make_round(model, alg, sampler, max_examples=pop.max_examples,
-                      client_update=client_update, is_malicious=is_mal), defence, attack
+        if attack == "alie":  # honest clients; the colluding stage forges their rows
+            alg = alg.with_aggregator(S.chain(P.omniscient_attack("alie", is_mal), reducer))
+        else:
+            if attack == "model_replacement":
+                trig = P.feature_trigger((0, 1, 2), 3.0)
+                bad = P.model_replacement(trig, 0, boost=float(cohort))  # n / eta, eta = 1
+            elif attack == "second_pass":
+                def bad(honest_update, message, data, key, state=()):
+                    # A new data object: the wrapper cannot reuse the honest run.
+                    return honest_update(message, data.replace(x=data.x), key, state)
+            else:
+                bad = P.sign_flip(1.0)
+            alg = alg.with_client(P.adversarial_client(alg.client, bad, is_mal))
+        # As the runner does: a poisoned round also logs the aggregate's alignment with
+        # the honest clients' mean (a second streamed accumulator), so that cost is included.
+        observers.append(P.poisoning_diagnostics(is_mal))
+    return fs.make_round(alg, sampler, observers=observers), defence, attack
 
 
 def bench(population: int, cohort: int, fraction: float, rounds: int,
           variants: list[str]) -> list[dict]:
-    pop = procedural_label_skew(population, alpha=0.3, seed=0, max_examples=64)
-    model = make_model("softmax", pop.example_shape, pop.num_classes)
-    sampler = FixedSizeSampler(population, cohort)
+    pop = fs.data.procedural_label_skew(population, alpha=0.3, seed=0, max_examples=64)
+    model = fs.make_model("softmax", pop.example_shape, pop.num_classes)
+    sampler = fs.FixedSizeSampler(population, cohort)
     num_malicious = P.malicious_count(population, malicious_fraction=fraction)
     steps, states, compiles, times, meta = {}, {}, {}, {}, {}
     for name in variants:

@@ -29,7 +29,7 @@ import statistics
 import sys
 import time
 
-from _cpu_setup import allowed_cores, configure_cpu
+from _cpu_setup import configure_cpu
 
 if __name__ == "__main__":  # --cores / --devices act before JAX starts its backends
     configure_cpu(sys.argv)
@@ -39,13 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_sim.algorithms import make_algorithm
-from fedjax_sim.client_update import make_client_update
-from fedjax_sim.cohort import client_mesh
-from fedjax_sim.data.federated import ClientData, make_federated_data
-from fedjax_sim.models import make_model
-from fedjax_sim.rounds import make_round
-from fedjax_sim.sampling import FixedSizeSampler
+import fedjax_sim as fs
 
 DIM, CLASSES = 60, 10
 
@@ -66,7 +60,7 @@ EXAMPLE_SHAPES = {"softmax": (DIM,), "mlp": (DIM,), "cnn": (8, 8, 1)}
 
 def make_workload_model(workload):
     """The workload's model: softmax regression, a 200-200 MLP, or the small CNN."""
-    return make_model(workload, EXAMPLE_SHAPES[workload], CLASSES, hidden=(200, 200))
+    return fs.make_model(workload, EXAMPLE_SHAPES[workload], CLASSES, hidden=(200, 200))
 
 
 def make_population(cohort, examples, seed=0, example_shape=(DIM,)):
@@ -77,7 +71,7 @@ def make_population(cohort, examples, seed=0, example_shape=(DIM,)):
     x = rng.normal(size=(cohort, examples, dim)).astype(np.float32)
     y = (x @ w).argmax(-1)
     x = x.reshape((cohort, examples) + tuple(example_shape))
-    return make_federated_data(x, y, np.full(cohort, examples), num_classes=CLASSES)
+    return fs.data.make_federated_data(x, y, np.full(cohort, examples), num_classes=CLASSES)
 
 
 def centralised_equivalent(model, data, steps, batch_size, lr=0.05):
@@ -111,14 +105,15 @@ def bench(workload, cohort, *, examples, batch_size, chunk_size, repeats, loop_c
           mesh=None):
     model = make_workload_model(workload)
     data = make_population(cohort, examples, example_shape=EXAMPLE_SHAPES[workload])
-    alg = make_algorithm("fedavg", client_lr=0.05, local_epochs=1, batch_size=batch_size)
+    alg = fs.make_algorithm("fedavg", model, client_lr=0.05, local_epochs=1,
+                            batch_size=batch_size)
     steps = -(-examples // batch_size)
     record = {"workload": workload, "cohort": cohort, "examples_per_client": examples,
               "batch_size": batch_size, "local_steps": steps, "chunk_size": chunk_size}
 
     # Engine: a whole round.
-    fr = make_round(model, alg, FixedSizeSampler(cohort, cohort), max_examples=examples,
-                    chunk_size=chunk_size, mesh=mesh)
+    fr = fs.make_round(alg, fs.FixedSizeSampler(cohort, cohort), chunk_size=chunk_size,
+                       mesh=mesh)
     record["chunk_size"] = fr.chunk_size
     record["engine_devices"] = 1 if mesh is None else mesh.size
     state = fr.init(jax.random.key(0))
@@ -134,25 +129,25 @@ def bench(workload, cohort, *, examples, batch_size, chunk_size, repeats, loop_c
 
     engine_round()
 
-    # Loop: the same one-client function, one jitted call per client.
-    update = jax.jit(make_client_update(model, alg.client, examples))
+    # Loop: the same one-client program, one jitted call per client.
+    update = jax.jit(alg.client.update)
     add = jax.jit(lambda acc, d, w: jax.tree.map(lambda a, b: a + w * b, acc, d))
     params = state.params
     n_loop = min(cohort, loop_clients)
     mask = np.asarray(data.mask())
-    clients = [ClientData(x=data.x[k], y=data.y[k], mask=jnp.asarray(mask[k]),
-                          client_id=jnp.int32(k)) for k in range(n_loop)]
+    clients = [fs.ClientData(x=data.x[k], y=data.y[k], mask=jnp.asarray(mask[k]),
+                             client_id=jnp.int32(k)) for k in range(n_loop)]
     keys = jax.random.split(jax.random.key(2), n_loop)
     t0 = time.perf_counter()
-    jax.block_until_ready(update(params, clients[0], keys[0]).delta)
+    jax.block_until_ready(update(params, clients[0], keys[0], ()).upload)
     record["loop_compile_s"] = time.perf_counter() - t0
 
     def loop_round():
         acc = jax.tree.map(jnp.zeros_like, params)
         total = 0.0
         for k in range(n_loop):
-            out = update(params, clients[k], keys[k])
-            acc = add(acc, out.delta, out.weight)
+            out = update(params, clients[k], keys[k], ())
+            acc = add(acc, out.upload, out.weight)
             total += examples
         jax.block_until_ready(acc)
 
@@ -206,9 +201,11 @@ def main():
     env = {"jax": jax.__version__, "backend": jax.default_backend(),
            "device": str(jax.devices()[0].device_kind), "cpu": platform.processor() or
            platform.machine(), "date": time.strftime("%Y-%m-%d"),
-           "cores": allowed_cores()}
-    devices = jax.devices() if args.devices == 0 else jax.devices()[:args.devices]
-    mesh = None if len(devices) == 1 else client_mesh(devices)
+           "cores": fs.usable_cores()}
+    try:
+        mesh = fs.mesh_for(args.devices)
+    except fs.ConfigError as e:
+        p.error(f"--devices: {e}")
     env["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     for workload in args.workloads:
         for cohort in args.cohorts:

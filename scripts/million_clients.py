@@ -21,11 +21,7 @@ import time
 
 import jax
 
-from fedjax_sim.algorithms import make_algorithm
-from fedjax_sim.data.label_skew import procedural_label_skew
-from fedjax_sim.models import make_model
-from fedjax_sim.rounds import make_round
-from fedjax_sim.sampling import CyclicSampler
+import fedjax_sim as fs
 
 
 def peak_rss_mib() -> float:
@@ -43,13 +39,13 @@ def main():
     if args.clients % args.cohort:
         p.error(f"--cohort={args.cohort} must divide --clients={args.clients}")
 
-    pop = procedural_label_skew(args.clients, alpha=0.3, seed=args.seed,
-                                max_examples=args.examples, min_examples=args.examples)
-    model = make_model("softmax", pop.example_shape, pop.num_classes)
-    alg = make_algorithm("fedavg", client_lr=0.05, local_epochs=1, batch_size=10)
-    sampler = CyclicSampler(args.clients, args.cohort, seed=args.seed)
-    fr = make_round(model, alg, sampler, max_examples=args.examples,
-                    chunk_size=args.chunk_size or None)
+    pop = fs.data.procedural_label_skew(args.clients, alpha=0.3, seed=args.seed,
+                                        max_examples=args.examples,
+                                        min_examples=args.examples)
+    model = fs.make_model("softmax", pop.example_shape, pop.num_classes)
+    alg = fs.make_algorithm("fedavg", model, client_lr=0.05, local_epochs=1, batch_size=10)
+    sampler = fs.CyclicSampler(args.clients, args.cohort, seed=args.seed)
+    fr = fs.make_round(alg, sampler, chunk_size=args.chunk_size or None)
     state = fr.init(jax.random.key(args.seed))
     rss_before = peak_rss_mib()
 

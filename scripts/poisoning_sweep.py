@@ -27,6 +27,10 @@ import json
 import os
 import platform
 
+import jax
+
+import fedjax_sim as fs
+
 DEFENCES = {
     "mean": {},
     "median": {"aggregator": "median"},
@@ -50,15 +54,13 @@ FIELDS = ("defence", "attack", "fraction", "num_malicious", "test_accuracy",
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from fedjax_sim.poisoning import ATTACK_NAMES
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output", "--out", dest="output", default="poisoning_sweep",
                    help="directory for the CSV, JSON and PNG (created if missing)")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.02, 0.1],
                    help="malicious fractions of the population (0: honest baseline)")
     p.add_argument("--attacks", nargs="+", default=["model_replacement", "alie", "sign_flip"],
-                   choices=[a for a in ATTACK_NAMES if a != "none"])
+                   choices=[a for a in fs.poisoning.ATTACK_NAMES if a != "none"])
     p.add_argument("--defences", nargs="+", default=["mean", "median", "clip"],
                    choices=sorted(DEFENCES))
     p.add_argument("--rounds", type=int, default=5)
@@ -76,12 +78,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-
-    import jax
-
-    from fedjax_sim.config import make_config
-    from fedjax_sim.runner import run_experiment
-
     cohort = args.cohort_size or args.num_clients
     base = {"data": "digits", "partition": "iid", "num_clients": args.num_clients,
             "cohort_size": cohort, "rounds": args.rounds, "client_lr": 0.3,
@@ -94,7 +90,7 @@ def main(argv=None) -> int:
                 if fraction == 0 and key in honest:  # one honest baseline per defence
                     summary = honest[key]
                 else:
-                    summary = run_experiment(make_config(cell_config(
+                    summary = fs.run_experiment(fs.make_config(cell_config(
                         base, attack, fraction, defence)), progress=False)
                     if fraction == 0:
                         honest[key] = summary
