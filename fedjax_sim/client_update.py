@@ -113,6 +113,20 @@ def epoch_order(key: jax.Array, mask: jax.Array, epoch: int | jax.Array = 0) -> 
     return (jnp.sort(packed) & low).astype(jnp.int32)
 
 
+def optax_update(optimizer: optax.GradientTransformation, grads: PyTree, state: PyTree,
+                 params: PyTree) -> tuple[PyTree, PyTree]:
+    """``optimizer.update(grads, state, params)`` under JAX's standard dtype promotion.
+
+    optax (0.2.x) computes the bias correction of Adam and Yogi as ``1 - decay**count``
+    (``optax.tree.bias_correction``), a Python float raised to the int32 step count, which
+    strict dtype promotion rejects; under the standard rule it is the float32 value it
+    always was. The rule applies while tracing the call only: the compiled step is
+    unchanged.
+    """
+    with jax.numpy_dtype_promotion("standard"):
+        return optimizer.update(grads, state, params)
+
+
 LocalUpdateFn = Callable[..., LocalUpdate]
 
 
@@ -170,13 +184,13 @@ def make_local_update(model: Model, config: ClientConfig) -> LocalUpdateFn:
             (_, batch_stats), g = grad_fn(p, global_params, xb, yb, mb)
             if correction is not None:
                 g = jax.tree.map(lambda a, c: a + c.astype(a.dtype), g, correction)
-            updates, new_opt_state = optimizer.update(g, opt_state, p)
+            updates, new_opt_state = optax_update(optimizer, g, opt_state, p)
             new_p = optax.apply_updates(p, updates)
             active = batch_stats[2] > 0
             p = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_p, p)
             opt_state = jax.tree.map(lambda a, b: jnp.where(active, a, b),
                                      new_opt_state, opt_state)
-            stats = stats + jnp.concatenate([batch_stats, active[None]])
+            stats = stats + jnp.concatenate([batch_stats, active[None].astype(stats.dtype)])
             return p, opt_state, stats
 
         def steps(carry, first, x, y, m):

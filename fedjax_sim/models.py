@@ -57,7 +57,11 @@ class CNN(nn.Module):
     def __call__(self, x):
         for f in self.features:
             x = nn.relu(nn.Conv(f, (3, 3), padding="SAME", conv_general_dilated=patch_conv)(x))
-            x = nn.avg_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+            # flax's avg_pool divides its float sum by ``np.prod(window_shape)``, a NumPy
+            # integer (not a weak Python scalar), which strict dtype promotion rejects; the
+            # standard rule gives the same float32 division.
+            with jax.numpy_dtype_promotion("standard"):
+                x = nn.avg_pool(x, (2, 2), strides=(2, 2), padding="SAME")
         x = x.reshape(x.shape[:-3] + (-1,))
         x = nn.relu(nn.Dense(self.dense, dot_general=dense_dot_general)(x))
         return nn.Dense(self.num_classes, dot_general=dense_dot_general)(x)
@@ -82,7 +86,9 @@ def per_example_cross_entropy(logits: jax.Array, labels: jax.Array
     Returns:
       ``(loss, correct)``: float loss and bool correctness, both of shape ``labels.shape``.
     """
-    classes = jnp.arange(logits.shape[-1])
+    labels = jnp.asarray(labels)  # a NumPy int64 array becomes JAX's default int
+    classes = jnp.arange(logits.shape[-1], dtype=labels.dtype).reshape(
+        (1,) * labels.ndim + (-1,))
     y = labels[..., None]
     label_logit = jnp.sum(jnp.where(classes == y, logits, 0.0), axis=-1, keepdims=True)
     in_range = (labels >= 0) & (labels < logits.shape[-1])

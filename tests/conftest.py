@@ -1,4 +1,13 @@
-"""Shared test setup: CPU only, strict dtype promotion off-by-default is kept, small sizes."""
+"""Shared test setup: CPU only, strict dtype promotion and rank-promotion errors, small sizes.
+
+JAX's ``jax_numpy_dtype_promotion="strict"`` makes mixing array dtypes (int32 with
+float32, bool with float, float32 with a float64 NumPy value) an error instead of a silent
+promotion, and ``jax_numpy_rank_promotion="raise"`` makes broadcasting arrays of different
+ranks (``(C,)`` with ``(C, 1)``) an error. Library code states its dtypes and shapes
+explicitly, so the suite runs with both on: an implicit promotion is a test failure rather
+than a silent change of precision or shape. Both are set as environment variables before
+JAX is imported, so subprocesses (CLI runs, scripts, notebook kernels) inherit them too.
+"""
 
 import os
 import shutil
@@ -16,12 +25,22 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # compile about a fifth faster. Subprocesses (CLI, scripts, notebook kernels) inherit it.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = xla_flags("--xla_backend_optimization_level=0")
+# JAX reads each of these options from its upper-case env var when it is first imported.
+_STRICT_SETTINGS = {
+    "jax_numpy_dtype_promotion": "strict",
+    "jax_numpy_rank_promotion": "raise",
+}
+for _name, _value in _STRICT_SETTINGS.items():
+    os.environ[_name.upper()] = _value
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from fedjax_sim.data.federated import make_federated_data  # noqa: E402
+
+for _name, _value in _STRICT_SETTINGS.items():
+    jax.config.update(_name, _value)  # in case JAX was imported before this module
 
 
 def random_federated(num_clients=12, max_examples=9, dim=5, num_classes=3, *, seed=0,

@@ -116,7 +116,8 @@ def test_population_is_a_pytree_argument_without_retracing():
     def mean_x(population, ids):
         traces.append(None)
         data = population.cohort_data(ids)
-        return jnp.sum(data.x * data.mask[..., None]) / jnp.sum(data.mask)
+        m = data.mask.astype(data.x.dtype)
+        return jnp.sum(data.x * m[..., None]) / jnp.sum(m)
 
     ids = jnp.arange(4, dtype=jnp.int32)
     a = mean_x(procedural_synthetic(10**7, seed=1, **CONFIG), ids)

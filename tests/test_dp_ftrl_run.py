@@ -317,7 +317,7 @@ def _noise_paths(efficient, *, z=1.5, clip=2.0, denom=3.0, max_rounds=6, rounds=
     """Per seed and round: the running sum of what the transform emits minus the prefix
     sum of the inputs, and the transform's own N_t ([seeds, rounds, 32] each)."""
     params = jnp.zeros((32,), jnp.float32)
-    inputs = 0.1 * jnp.arange(1, rounds + 1, dtype=jnp.float32)[:, None] * jnp.ones(32)
+    inputs = 0.1 * jnp.arange(1, rounds + 1, dtype=jnp.float32)[:, None] * jnp.ones((1, 32))
 
     def path(key):
         tx = dp_ftrl_tree_noise(noise_multiplier=z, clip_norm=clip, max_rounds=max_rounds,

@@ -21,6 +21,11 @@ def _close(a, b, rtol=1e-4, atol=1e-5):
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=rtol, atol=atol), a, b)
 
 
+def _add_bias(y, b):
+    """``y + b`` with the bias broadcast over the leading axes explicitly."""
+    return y + b.reshape((1,) * (y.ndim - 1) + (-1,))
+
+
 @pytest.mark.parametrize("batch,hidden", [((10,), 5), ((3, 4), 5), ((300,), 5),
                                           ((10,), 16)])  # hidden layer wider than the batch
 def test_dense_layout_trick_changes_no_derivative(batch, hidden):
@@ -31,8 +36,8 @@ def test_dense_layout_trick_changes_no_derivative(batch, hidden):
     x = jax.random.normal(jax.random.key(1), batch + (6,))
 
     def plain(p, x):
-        h = jax.nn.relu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
-        return h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+        h = jax.nn.relu(_add_bias(x @ p["Dense_0"]["kernel"], p["Dense_0"]["bias"]))
+        return _add_bias(h @ p["Dense_1"]["kernel"], p["Dense_1"]["bias"])
 
     def loss(f):
         return lambda p: jnp.sum(jnp.tanh(f(p, x)) ** 2)
@@ -125,13 +130,13 @@ def test_cnn_model_equals_a_plain_lax_cnn():
 
     def plain(p, x):
         for name in ("Conv_0", "Conv_1"):
-            x = lax.conv_general_dilated(x, p[name]["kernel"], (1, 1), "SAME",
-                                         dimension_numbers=dn) + p[name]["bias"]
+            x = _add_bias(lax.conv_general_dilated(x, p[name]["kernel"], (1, 1), "SAME",
+                                                   dimension_numbers=dn), p[name]["bias"])
             x = jax.nn.relu(x)
             x = lax.reduce_window(x, 0.0, lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "SAME") / 4
         x = x.reshape(x.shape[0], -1)
-        x = jax.nn.relu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
-        return x @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+        x = jax.nn.relu(_add_bias(x @ p["Dense_0"]["kernel"], p["Dense_0"]["bias"]))
+        return _add_bias(x @ p["Dense_1"]["kernel"], p["Dense_1"]["bias"])
 
     def value_and_grad(f):
         return jax.jit(jax.value_and_grad(

@@ -50,7 +50,8 @@ def loop_reference_round(algorithm, optimizer, data, params, opt_state, round_ke
     w = np.asarray(weights, np.float64)
     mean = jax.tree.map(lambda *ds: np.tensordot(w / w.sum(), np.stack(ds), axes=1), *deltas)
     grad = jax.tree.map(lambda d: -jnp.asarray(d, jnp.float32), mean)
-    updates, opt_state = optimizer.update(grad, opt_state, params)
+    with jax.numpy_dtype_promotion("standard"):  # optax Adam/Yogi: 1 - decay**int32 count
+        updates, opt_state = optimizer.update(grad, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
 

@@ -38,7 +38,7 @@ import optax
 from fedjax_sim._validation import check_choice, check_float, check_int, fail
 from fedjax_sim.algorithms.base import (Algorithm, ClientProgram, ClientResult, RoundInfo,
                                         ServerProgram)
-from fedjax_sim.client_update import ClientConfig, make_local_update
+from fedjax_sim.client_update import ClientConfig, make_local_update, optax_update
 from fedjax_sim.models import Model
 from fedjax_sim.server.base import Chain, Stage
 from fedjax_sim.server.reducers import weighted_mean
@@ -65,7 +65,7 @@ def optax_server(model: Model, optimizer: optax.GradientTransformation,
     def apply(params, opt_state, aggregate, info: RoundInfo):
         del info
         pseudo_grad = jax.tree.map(jnp.negative, aggregate)
-        updates, opt_state = optimizer.update(pseudo_grad, opt_state, params)
+        updates, opt_state = optax_update(optimizer, pseudo_grad, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
     return ServerProgram(init_params=model.init, init=optimizer.init,

@@ -37,6 +37,7 @@ import optax
 
 from fedjax_sim._validation import check_float, check_int, fail
 from fedjax_sim.attacks.updates import LocalTraining, simulate_update
+from fedjax_sim.client_update import optax_update
 from fedjax_sim.models import Model
 
 PyTree = Any
@@ -142,7 +143,7 @@ def minimize(objective: Callable[[PyTree], jax.Array], init: PyTree,
         if config.signed:
             g = jax.tree.map(jnp.sign, g)
         g = jax.tree.map(lambda a: jnp.where(jnp.isfinite(a), a, 0.0), g)
-        updates, state = opt.update(g, state, z)
+        updates, state = optax_update(opt, g, state, z)
         return (project(optax.apply_updates(z, updates)), state), None
 
     (z, _), _ = jax.lax.scan(step, (init, opt.init(init)), None, length=config.steps)

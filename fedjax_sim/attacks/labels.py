@@ -72,7 +72,7 @@ def round_counts(real_counts: jax.Array, total: int) -> jax.Array:
     remainder = total - jnp.sum(base)
     order = jnp.argsort(-(c - base))
     rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
-    return (base + (rank < remainder)).astype(jnp.int32)
+    return (base + (rank.astype(c.dtype) < remainder).astype(base.dtype)).astype(jnp.int32)
 
 
 def estimate_label_counts(update: PyTree, mean_probs: jax.Array, *, batch_size: int,

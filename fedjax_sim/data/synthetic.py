@@ -217,8 +217,8 @@ def synthetic_client_examples(model: SyntheticClientModel, key: jax.Array,
     """
     dim = model.v.shape[0]
     z = jax.random.normal(key, (num_examples, dim))
-    x = model.v + jnp.sqrt(feature_variances(dim)) * z
-    y = jnp.argmax(x @ model.w + model.b, axis=-1).astype(jnp.int32)
+    x = model.v[None, :] + jnp.sqrt(feature_variances(dim))[None, :] * z
+    y = jnp.argmax(x @ model.w + model.b[None, :], axis=-1).astype(jnp.int32)
     return x, y
 
 

@@ -48,7 +48,7 @@ def honest_statistics(honest: CohortUpdates) -> tuple[PyTree, PyTree]:
         hm = expand_to(honest.mask, u)
         x = jnp.where(hm, u, 0.0).astype(jnp.float32)
         mu = jnp.sum(x, 0) / n
-        var = jnp.sum(jnp.where(hm, jnp.square(x - mu), 0.0), 0) / n
+        var = jnp.sum(jnp.where(hm, jnp.square(x - mu[None]), 0.0), 0) / n
         return mu, jnp.sqrt(var)
 
     stats = jax.tree.map(moments, honest.updates)
