@@ -56,3 +56,24 @@ def check_choice(field: str, value: Any, choices: Iterable[str]) -> str:
     if value not in choices:
         fail(field, value, f"must be one of {', '.join(choices)}")
     return value
+
+
+def check_fits(field: str, value: Any, need_bytes: int, what: str, *,
+               budget_bytes: int | None = None) -> int:
+    """Refuses ``need_bytes`` (an estimate, from below, of what ``what`` allocates) when
+    it exceeds ``budget_bytes`` (default: one device's memory,
+    :func:`fedjax_sim._host.device_memory_bytes`; nothing is refused when that is unknown).
+
+    Called before the allocation it guards, so a size that cannot fit is a one-line
+    ConfigError naming ``field=value`` and the estimated bytes, never an out-of-memory
+    crash minutes later. Returns ``need_bytes``.
+    """
+    from fedjax_sim import _host  # imports JAX; most users of this module need not
+
+    if budget_bytes is None:
+        budget_bytes = _host.device_memory_bytes()
+    if budget_bytes is not None and need_bytes > budget_bytes:
+        fail(field, value, f"{what} needs >= {_host.format_bytes(need_bytes)} "
+             f"({need_bytes} bytes), over the {_host.format_bytes(budget_bytes)} of "
+             "one device")
+    return need_bytes

@@ -6,6 +6,14 @@ arrays) and held-out data to evaluate on. Generated data is deterministic in the
 section and the seed, and cached on exactly those (the section is a frozen dataclass):
 sweeps over server or privacy settings build their data once. Files (``npz``, ``leaf``)
 are read every time (they may change on disk).
+
+Sizes are refused before they are allocated, in one line naming the field and the
+estimated bytes (:func:`fedjax_sim._validation.check_fits`): each source's ``check`` runs
+when the configuration is made (the padded population of ``synthetic_materialized``, the
+held-out clients of the procedural sources; that the files exist), the loaders check a
+file's declared and padded sizes before reading or padding it
+(:mod:`fedjax_sim.data.io`). :func:`declared_shape` gives the model's registry the
+example shape and class count of a generated source before anything is built.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_sim._validation import fail
+from fedjax_sim._validation import check_fits, fail
 from fedjax_sim.data.federated import ClientData, FederatedData
 from fedjax_sim.experiment.registry import Entry, Registry
 
@@ -58,13 +66,19 @@ def _procedural_test(pop: Any, d: Any, seed: int) -> ClientData:
     return jax.jit(pop.test_data)(jnp.asarray(eval_ids, jnp.int32))
 
 
+GENERATED_DIM, GENERATED_CLASSES = 60, 10
+"""Input dimension and class count of the generated sources (label_skew, synthetic,
+synthetic_materialized)."""
+
+
 def _label_skew(d: Any, seed: int) -> ExperimentData:
     from fedjax_sim.data.label_skew import procedural_label_skew
 
     pop = procedural_label_skew(
         d.num_clients, alpha=d.dirichlet_alpha, seed=seed, max_examples=d.max_examples,
         min_examples=d.min_examples, size_mean=d.synthetic_size_mean,
-        size_sigma=d.synthetic_size_sigma, separation=d.class_separation)
+        size_sigma=d.synthetic_size_sigma, separation=d.class_separation,
+        dim=GENERATED_DIM, num_classes=GENERATED_CLASSES)
     return ExperimentData(pop, pop.num_classes, pop.example_shape,
                           test_clients=_procedural_test(pop, d, seed),
                           reference_accuracy=pop.bayes_accuracy(seed=seed))
@@ -77,7 +91,7 @@ def _synthetic(d: Any, seed: int) -> ExperimentData:
         d.num_clients, alpha=d.synthetic_alpha, beta=d.synthetic_beta, iid=d.synthetic_iid,
         seed=seed, max_examples=d.max_examples,
         min_examples=min(d.min_examples, d.max_examples), size_mean=d.synthetic_size_mean,
-        size_sigma=d.synthetic_size_sigma)
+        size_sigma=d.synthetic_size_sigma, dim=GENERATED_DIM, num_classes=GENERATED_CLASSES)
     return ExperimentData(pop, pop.num_classes, pop.example_shape,
                           test_clients=_procedural_test(pop, d, seed))
 
@@ -89,7 +103,8 @@ def _synthetic_materialized(d: Any, seed: int) -> ExperimentData:
         d.num_clients, alpha=d.synthetic_alpha, beta=d.synthetic_beta, iid=d.synthetic_iid,
         seed=seed, max_examples=d.max_examples,
         min_examples=min(max(d.min_examples, 2), d.max_examples),
-        size_mean=d.synthetic_size_mean, size_sigma=d.synthetic_size_sigma)
+        size_mean=d.synthetic_size_mean, size_sigma=d.synthetic_size_sigma,
+        dim=GENERATED_DIM, num_classes=GENERATED_CLASSES)
     return ExperimentData(split.train, split.train.num_classes, split.train.example_shape,
                           test_clients=_federated_as_clients(split.test))
 
@@ -107,20 +122,27 @@ def _from_files(d: Any, seed: int) -> ExperimentData:
     from fedjax_sim.data import io
 
     loader = io.load_npz if d.source == "npz" else io.load_leaf
-    train = loader(d.data_path).data
+    train = loader(d.data_path, field="data_path").data
+    if train.num_classes < 2:
+        fail("data_path", d.data_path, "holds labels of one class only; a classifier "
+             "needs >= 2 classes (an .npz file may store num_classes)")
     if train.num_clients != d.num_clients:
         fail("num_clients", d.num_clients,
              f"does not match the {train.num_clients} clients in data_path={d.data_path!r}")
-    if d.test_path:
-        test = loader(d.test_path).data
-        if test.num_clients != train.num_clients:
-            fail("test_path", d.test_path,
-                 f"holds {test.num_clients} clients, training data {train.num_clients}")
-        test_clients = _federated_as_clients(test)
-    else:
-        test_clients = _federated_as_clients(train)
-    return ExperimentData(train, train.num_classes, train.example_shape,
-                          test_clients=test_clients)
+    if not d.test_path:
+        return ExperimentData(train, train.num_classes, train.example_shape,
+                              test_clients=_federated_as_clients(train))
+    test = loader(d.test_path, field="test_path").data
+    if test.num_clients != train.num_clients:
+        fail("test_path", d.test_path,
+             f"holds {test.num_clients} clients, training data {train.num_clients}")
+    if test.example_shape != train.example_shape:
+        fail("test_path", d.test_path, f"holds examples of shape {test.example_shape}, "
+             f"training data {train.example_shape}")
+    num_classes = max(train.num_classes, test.num_classes)  # the model covers both
+    train, test = (a.replace(num_classes=num_classes) for a in (train, test))
+    return ExperimentData(train, num_classes, train.example_shape,
+                          test_clients=_federated_as_clients(test))
 
 
 def _check_sizes(cfg: Any) -> None:
@@ -129,33 +151,83 @@ def _check_sizes(cfg: Any) -> None:
         fail("min_examples", d.min_examples, f"exceeds max_examples={d.max_examples}")
 
 
+_BYTES_PER_EXAMPLE = 4 * GENERATED_DIM + 4 + 1  # float32 inputs, int32 label, mask
+
+
+def _blame(d: Any, *keys: str) -> str:
+    """Of ``keys``, the field furthest above its default (the one to name)."""
+    defaults = type(d)()
+    return max(keys, key=lambda k: getattr(d, k) / getattr(defaults, k))
+
+
+def _check_procedural(cfg: Any) -> None:
+    """The held-out data of ``eval_clients`` clients is materialised (once)."""
+    _check_sizes(cfg)
+    d = cfg.data
+    n_eval = min(d.eval_clients, d.num_clients)
+    key = _blame(d, "eval_clients", "max_examples")
+    check_fits(key, getattr(d, key), n_eval * d.max_examples * _BYTES_PER_EXAMPLE,
+               f"the held-out data of {n_eval} clients x {d.max_examples} examples x "
+               f"{GENERATED_DIM} features")
+
+
+def _check_materialized(cfg: Any) -> None:
+    """Every client's training and held-out examples are held, padded."""
+    _check_sizes(cfg)
+    d = cfg.data
+    key = _blame(d, "num_clients", "max_examples")
+    check_fits(key, getattr(d, key), d.num_clients * d.max_examples * _BYTES_PER_EXAMPLE,
+               f"the padded population of {d.num_clients} clients x {d.max_examples} "
+               f"examples x {GENERATED_DIM} features")
+
+
 def _check_files(cfg: Any) -> None:
-    if not cfg.data.data_path:
-        fail("data_path", cfg.data.data_path, f"is required with data={cfg.data.source!r}")
+    from fedjax_sim.data.io import check_source_path
+
+    d = cfg.data
+    if not d.data_path:
+        fail("data_path", d.data_path, f"is required with data={d.source!r}")
+    for key in ("data_path", "test_path"):
+        if getattr(d, key):
+            check_source_path(getattr(d, key), key, directory=d.source == "leaf")
 
 
 @dataclasses.dataclass(frozen=True)
 class SourceMeta:
-    """``cached``: the source is generated from the data section and the seed alone."""
+    """``cached``: the source is generated from the data section and the seed alone.
+    ``example_shape``, ``num_classes``: the data's, when known before it is built."""
 
     cached: bool = True
+    example_shape: tuple[int, ...] | None = None
+    num_classes: int | None = None
 
 
 FILES = SourceMeta(cached=False)
+GENERATED = SourceMeta(example_shape=(GENERATED_DIM,), num_classes=GENERATED_CLASSES)
 REGISTRY = Registry("data", "data", "data",
                     governed={"data_path": None, "test_path": None})
 REGISTRY.add(Entry("label_skew", _label_skew, "procedural label-skewed population: a "
                    "Dirichlet label mix per client, generated inside jit",
-                   check=_check_sizes))
+                   check=_check_procedural, meta=GENERATED))
 REGISTRY.add(Entry("synthetic", _synthetic, "procedural FedProx Synthetic(alpha, beta)",
-                   check=_check_sizes))
+                   check=_check_procedural, meta=GENERATED))
 REGISTRY.add(Entry("synthetic_materialized", _synthetic_materialized,
-                   "FedProx Synthetic(alpha, beta), held in memory", check=_check_sizes))
+                   "FedProx Synthetic(alpha, beta), held in memory",
+                   check=_check_materialized, meta=GENERATED))
 REGISTRY.add(Entry("digits", _digits, "scikit-learn's bundled 8x8 digits, partitioned"))
 REGISTRY.add(Entry("npz", _from_files, "a user's .npz file",
                    uses=frozenset({"data_path", "test_path"}), check=_check_files, meta=FILES))
 REGISTRY.add(Entry("leaf", _from_files, "a user's LEAF JSON file",
                    uses=frozenset({"data_path", "test_path"}), check=_check_files, meta=FILES))
+
+
+def declared_shape(cfg: Any) -> tuple[tuple[int, ...], int] | None:
+    """``(example_shape, num_classes)`` of ``cfg``'s data if known before it is built."""
+    meta = REGISTRY[cfg.data.source].meta
+    if meta is None or meta.example_shape is None:
+        return None
+    return meta.example_shape, meta.num_classes
+
 
 _CACHE: "collections.OrderedDict[tuple, ExperimentData]" = collections.OrderedDict()
 _CACHE_SIZE = 2
@@ -180,4 +252,5 @@ def build_data(cfg: Any) -> ExperimentData:
     return data
 
 
-__all__ = ["ExperimentData", "REGISTRY", "build_data"]
+__all__ = ["ExperimentData", "GENERATED_DIM", "GENERATED_CLASSES", "REGISTRY", "build_data",
+           "declared_shape"]
