@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent("""
     from fedjax_sim.models import make_model
     from fedjax_sim.rounds import make_round
     from fedjax_sim.sampling import FixedSizeSampler, PoissonSampler
-    from fedjax_sim.server import coordinate_median, dp_fedavg_aggregator, weighted_mean
+    from fedjax_sim.server import coordinate_median, dp_fedavg_aggregator
 
     assert jax.device_count() == 4, jax.devices()
     assert mesh_for(1) is None and mesh_for(4).shape["clients"] == 4
@@ -32,8 +32,9 @@ SCRIPT = textwrap.dedent("""
                                 max_examples=12, min_examples=2)
     model = make_model("mlp", (8,), 4, hidden=(16,))
     results = {}
+    # A streamed DP sum under Poisson sampling and a stacked median under fixed-size
+    # sampling: between them, both samplers, both reduction paths and a noise key.
     for name, sampler, aggregator in (
-            ("fixed", FixedSizeSampler(500, 30), weighted_mean()),
             ("poisson_dp", PoissonSampler(500, 0.05),
              dp_fedavg_aggregator(1.0, 1.0, 25, key=jax.random.key(7))),
             ("median", FixedSizeSampler(500, 30), coordinate_median())):
@@ -71,14 +72,13 @@ def test_sharded_round_equals_single_device():
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert res["fixed_num_shards"] == 4
-    assert res["fixed_capacity"] % 4 == 0 and res["poisson_dp_capacity"] % 4 == 0
-    assert res["fixed"] < 1e-5, res
+    assert res["poisson_dp_num_shards"] == res["median_num_shards"] == 4
+    assert res["poisson_dp_capacity"] % 4 == 0 and res["median_capacity"] % 4 == 0
     assert res["poisson_dp"] < 1e-5, res  # the noise key in the server state, too
     assert res["median"] < 1e-5, res
     # The sums reduce chunk by chunk (psum over devices), the median from the stacked cohort.
-    assert res["fixed_streaming"] and res["poisson_dp_streaming"]
+    assert res["poisson_dp_streaming"]
     assert not res["median_streaming"]
     # Round 2 reuses round 1's program: the state keeps its sharding across rounds.
-    assert all(res[f"{name}_{where}_recompiles"] == 0 for name in ("fixed", "poisson_dp",
-               "median") for where in ("single", "sharded")), res
+    assert all(res[f"{name}_{where}_recompiles"] == 0 for name in ("poisson_dp", "median")
+               for where in ("single", "sharded")), res

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import warnings
 from typing import Sequence
 
 from fedjax_sim._validation import ConfigError
@@ -28,22 +30,32 @@ def _add_run_parser(subparsers) -> None:
                     "procedural label-skewed population of 10,000 clients (a Dirichlet(0.3) "
                     "label mix per client), 1,000 per round, 60 rounds.")
     p.add_argument("--config", help="TOML file: tables are sections ([data], [server], ...)")
-    p.add_argument("--output", help="directory for metrics.jsonl and summary.json")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     for section in ("", *SECTIONS):
-        specs = [s for s in FIELDS.values() if s.section == section]
+        specs = [s for s in FIELDS.values() if s.section == section and s.key != "resume"]
         group = p.add_argument_group(f"[{section}]" if section else "run",
                                      "config keys; flags override --config")
         add_field_flags(group, specs)
+        if section == "output":  # ``--resume DIR``: the folder and the switch in one flag
+            group.add_argument("--resume", metavar="DIR", dest="resume_dir",
+                               help="continue the run in DIR (its output folder) from "
+                                    "its newest checkpoint; the configuration must match "
+                                    "the checkpoint's (TOML: output.resume = true)")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from fedjax_sim.experiment.runner import TrainingDiverged, run_experiment
 
-    cfg = load_config(args.config, given(args, FIELDS.values()))
+    overrides = given(args, FIELDS.values())
+    if args.resume_dir is not None:
+        if overrides.get("output", args.resume_dir) != args.resume_dir:
+            raise ConfigError(f"resume={args.resume_dir!r}: --output "
+                              f"{overrides['output']!r} names another folder")
+        overrides.update(output=args.resume_dir, resume=True)
+    cfg = load_config(args.config, overrides)
     try:
-        summary = run_experiment(cfg, output_dir=args.output, progress=not args.no_progress)
+        summary = run_experiment(cfg, progress=not args.no_progress)
     except TrainingDiverged as e:
         print(f"fedjax-sim run: error: {e}", file=sys.stderr)
         return 1
@@ -63,9 +75,19 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version(package: str = "fedjax-sim") -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="fedjax-sim",
                             description="A JAX-vectorised federated learning simulator.")
+    parser.add_argument("--version", action="version",
+                        version=f"fedjax-sim {_version()} (jax {_version('jax')})")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND",
                                        parser_class=ArgumentParser)
     _add_run_parser(subparsers)
@@ -89,14 +111,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    folded = _FoldedWarnings()
     try:
-        return args.func(args)
+        with folded:
+            return args.func(args)
     except ConfigError as e:
         print(f"fedjax-sim {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        folded.report()
+
+
+class _FoldedWarnings(logging.Filter):
+    """Third-party warnings (absl logging, e.g. dp-accounting's RDP orders that did not
+    converge, and Python warnings raised outside fedjax_sim) folded into one line on
+    stderr at the end of the command, with the count and the first message."""
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.first = 0, None
+        self._catch = warnings.catch_warnings()
+
+    def _seen(self, source: str, message: str) -> None:
+        self.count += 1
+        if self.first is None:
+            self.first = f"{source}: {message.splitlines()[0] if message else ''}"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or record.levelno >= logging.ERROR:
+            return True
+        self._seen(record.name, record.getMessage())
+        return False
+
+    def __enter__(self):
+        self._catch.__enter__()
+        previous = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if "fedjax_sim" in filename:
+                previous(message, category, filename, lineno, file, line)
+            else:
+                self._seen(category.__name__, str(message))
+        warnings.showwarning = show
+        logging.getLogger("absl").addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("absl").removeFilter(self)
+        self._catch.__exit__(*exc)
+        return False
+
+    def report(self) -> None:
+        if self.count:
+            print(f"note: {self.count} third-party warning(s) folded into this line; "
+                  f"the first: {self.first}", file=sys.stderr)
 
 
 if __name__ == "__main__":

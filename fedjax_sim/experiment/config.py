@@ -33,6 +33,7 @@ from typing import Any, Mapping
 
 from fedjax_sim._validation import ConfigError, fail
 from fedjax_sim.experiment import registry
+from fedjax_sim.experiment.outputs import check_output
 from fedjax_sim.experiment.schema import FieldSpec, option, section_fields, validate_section
 
 
@@ -232,6 +233,18 @@ class EngineConfig(_Section):
 @dataclasses.dataclass(frozen=True)
 class OutputConfig(_Section):
     SECTION = "output"
+    dir: str | None = option(None, "folder for metrics.jsonl, summary.json, checkpoints "
+                             "and the final model; it must be new or empty unless "
+                             "--resume or --overwrite (automatic: write nothing)",
+                             flag="output")
+    overwrite: bool = option(False, "replace the run an existing output folder holds")
+    resume: bool = option(False, "continue the run in the output folder from its newest "
+                          "checkpoint; the configuration must match the checkpoint's "
+                          "(command line: --resume DIR)")
+    checkpoint_every: int = option(0, "save a checkpoint every this many rounds (0: none)",
+                                   low=0, high=10**8)
+    max_empty_rounds: int = option(5, "fail the run after this many consecutive rounds "
+                                   "that aggregate no client", low=1, high=10**8)
     eval_every: int = option(1, "evaluate every this many rounds", low=1, high=10**8)
 
 
@@ -374,6 +387,7 @@ def check_config(cfg: ExperimentConfig) -> None:
     cross-field checks (:mod:`fedjax_sim.experiment.registry`)."""
     for name in registry.CHECK_ORDER:
         registry.family(name).check(cfg, FIELDS)
+    check_output(cfg.output)
 
 
 def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = None

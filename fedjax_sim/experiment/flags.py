@@ -46,7 +46,8 @@ def add_field_flags(parser: Any, specs: Iterable[FieldSpec], *,
 
 def given(args: argparse.Namespace, specs: Iterable[FieldSpec]) -> dict[str, Any]:
     """``{flat key: raw value}`` of the fields whose flag was given."""
-    return {s.key: getattr(args, s.key) for s in specs if getattr(args, s.key) is not None}
+    return {s.key: getattr(args, s.key) for s in specs
+            if getattr(args, s.key, None) is not None}
 
 
 __all__ = ["ArgumentParser", "add_field_flags", "given"]

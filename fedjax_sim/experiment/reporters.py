@@ -7,15 +7,24 @@ is. A reporter has three hooks, all host side:
 
 * ``round(run, r, state, metrics, row)``: after round ``r`` (0-based), in order; earlier
   reporters' fields are already in ``row``;
-* ``finish(run, state, summary)``: after the last round;
+* ``resume(run, rows)``: once, before the first round of a resumed run, with the
+  ``metrics.jsonl`` rows the checkpoint covers: the reporter rebuilds its counters so
+  that the resumed run reports exactly what the uninterrupted run would;
+* ``finish(run, state, summary)``: after the last round (also of a failed run: the
+  summary then records the failure);
 * ``close()``: always, also when the run fails.
 
 Reporters never change the round (same seed, same model with or without them).
+
+A run that produces a dead model fails instead of reporting it
+(:class:`HealthReporter`): non-finite global params, a non-finite held-out loss, or
+``max_empty_rounds`` consecutive rounds that aggregated no client raise
+:class:`TrainingDiverged` after the round's row is written, so the metrics so far are
+kept.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any, Callable
@@ -26,17 +35,22 @@ from tqdm.auto import tqdm
 
 from fedjax_sim._trees import all_finite
 from fedjax_sim.evaluation import evaluate_clients, make_central_evaluator
+from fedjax_sim.experiment.outputs import METRICS, dumps
 from fedjax_sim.server.clipping import clip_diagnostics
 
 
 class TrainingDiverged(RuntimeError):
-    """The global model became non-finite."""
+    """The run produced a dead model: non-finite global params or held-out loss, or
+    rounds on end that aggregated no client. Its message is one line."""
 
 
 class Reporter:
     """Base reporter: every hook does nothing."""
 
     def round(self, run: Any, r: int, state: Any, metrics: dict, row: dict) -> None:
+        pass
+
+    def resume(self, run: Any, rows: list[dict]) -> None:
         pass
 
     def finish(self, run: Any, state: Any, summary: dict) -> None:
@@ -56,17 +70,21 @@ def _params_finite(params):
 
 
 class TrainingReporter(Reporter):
-    """The round's own metrics, its timing, and the divergence check."""
+    """The round's own metrics and its timing.
+
+    A round that aggregated no client has no training metrics: its losses, accuracies
+    and norms are logged as null (the counts stay).
+    """
 
     def __init__(self):
         self.updates = 0
 
+    def resume(self, run, rows):
+        self.updates = sum(int(row["num_clients"]) for row in rows)
+
     def round(self, run, r, state, metrics, row):
-        cfg = run.experiment.cfg
         self.updates += int(metrics["num_clients"])
-        if not bool(_params_finite(state.params)):
-            raise TrainingDiverged(f"round {r + 1}: the global params are not finite (lower "
-                                   f"client_lr={cfg.algorithm.client_lr} or server_lr)")
+        empty = int(metrics["num_aggregated"]) == 0
         if int(metrics["num_nonfinite"]):
             tqdm.write(f"round {r + 1}: dropped {int(metrics['num_nonfinite'])} non-finite "
                        "client updates (not aggregated)", file=sys.stderr)
@@ -77,8 +95,10 @@ class TrainingReporter(Reporter):
         for name, value in metrics.items():
             if name in _ENGINE:
                 continue
-            row[name] = int(value) if name in _ROUND_INTS or np.issubdtype(
-                np.asarray(value).dtype, np.integer) else float(value)
+            if name in _ROUND_INTS or np.issubdtype(np.asarray(value).dtype, np.integer):
+                row[name] = int(value)
+            else:
+                row[name] = None if empty else float(value)
         seconds = run.round_seconds[-1]
         row["seconds"] = seconds
         row["client_updates_per_s"] = int(metrics["num_clients"]) / max(seconds, 1e-9)
@@ -91,6 +111,11 @@ class TrainingReporter(Reporter):
             "mean_round_seconds": float(np.mean(steady)),
             "client_updates_per_s": float(self.updates / max(sum(run.round_seconds), 1e-9)),
         })
+
+
+def _number(value: Any) -> Any:
+    """A row's value as the float it was written from (null back to NaN)."""
+    return float("nan") if value is None else value
 
 
 def _evaluator(run) -> Callable[[Any], dict[str, float]]:
@@ -119,6 +144,12 @@ class EvaluationReporter(Reporter):
         self.evaluate = _evaluator(run)
         self.extra = dict(extra or {})
         self.last: dict[str, float] = {}
+
+    def resume(self, run, rows):
+        keys = ("test_loss", "test_accuracy", "test_accuracy_client_averaged", *self.extra)
+        for row in rows:
+            if row.get("test_loss") is not None:
+                self.last = {k: _number(row.get(k)) for k in keys if k in row}
 
     def round(self, run, r, state, metrics, row):
         cfg = run.experiment.cfg
@@ -179,6 +210,10 @@ class PrivacyReporter(Reporter):
                                      else self.plan.noise_multiplier),
                 "accountant": cfg.server.accountant if self.ledger else None}
 
+    def resume(self, run, rows):
+        if self.ledger is not None and rows:
+            self.ledger.record_round(len(rows))
+
     def round(self, run, r, state, metrics, row):
         if self.ledger is not None:
             self.ledger.record_round()
@@ -218,23 +253,79 @@ class ClipReporter(Reporter):
 
 
 class JsonLinesReporter(Reporter):
-    """One JSON object per round in ``DIR/metrics.jsonl``, flushed every round."""
+    """One strict-JSON object per round in ``DIR/metrics.jsonl``, flushed every round.
 
-    def __init__(self, output_dir: str | None):
+    A non-finite value is written as null and its key listed in the row's ``nonfinite``
+    field (:func:`fedjax_sim.experiment.outputs.strict_json`). A resumed run appends to
+    the rows its checkpoint covers (the runner has cut the file back to them).
+    """
+
+    def __init__(self, output_dir: str | None, *, append: bool = False):
         self._f = None
         if output_dir:
-            os.makedirs(output_dir, exist_ok=True)
-            self._f = open(os.path.join(output_dir, "metrics.jsonl"), "w")
+            self._f = open(os.path.join(output_dir, METRICS), "a" if append else "w")
 
     def round(self, run, r, state, metrics, row):
         if self._f:
-            self._f.write(json.dumps(row) + "\n")
-            self._f.flush()
+            self._f.write(dumps(row) + "\n")
+            self._f.flush()  # in the OS's hands: a killed process loses no row
 
     def close(self):
         if self._f:
             self._f.close()
             self._f = None
+
+
+class HealthReporter(Reporter):
+    """Fails the run rather than report a dead model (after the row is written).
+
+    Raises :class:`TrainingDiverged` when the global params are not finite, when the
+    held-out loss of an evaluated round is not finite, or when ``max_empty_rounds``
+    consecutive rounds aggregated no client (every sampled client was empty, dropped as
+    non-finite or filtered out).
+    """
+
+    def __init__(self):
+        self.empty = 0
+
+    def resume(self, run, rows):
+        self.empty = 0
+        for row in rows:
+            self.empty = self.empty + 1 if row["num_aggregated"] == 0 else 0
+
+    def round(self, run, r, state, metrics, row):
+        cfg = run.experiment.cfg
+        hint = f"lower client_lr={cfg.algorithm.client_lr:g} or server_lr"
+        if not bool(_params_finite(state.params)):
+            raise TrainingDiverged(f"round {r + 1}: the global params are not finite "
+                                   f"({hint})")
+        loss = row.get("test_loss")
+        if loss is not None and not np.isfinite(loss):
+            raise TrainingDiverged(f"round {r + 1}: the held-out loss of the global model is "
+                                   f"{loss} ({hint})")
+        self.empty = self.empty + 1 if row["num_aggregated"] == 0 else 0
+        if self.empty >= cfg.output.max_empty_rounds:
+            why = (f"{row['num_nonfinite']} of {row['num_clients']} sampled clients sent "
+                   f"non-finite updates in the last ({hint})" if row["num_nonfinite"] else
+                   f"the last sampled {row['num_clients']} clients were all empty or "
+                   f"filtered out by the server chain")
+            raise TrainingDiverged(
+                f"rounds {r + 2 - self.empty}-{r + 1}: no client was aggregated in "
+                f"{self.empty} consecutive rounds (max_empty_rounds="
+                f"{cfg.output.max_empty_rounds}): {why}")
+
+
+class CheckpointReporter(Reporter):
+    """Saves a checkpoint every ``checkpoint_every`` rounds, after the round's row is
+    flushed (:mod:`fedjax_sim.experiment.checkpoint`): the state, the number of rounds
+    (which is also the ledger's and the RNG's position) and the configuration."""
+
+    def __init__(self, checkpoints: Any, every: int, config: dict):
+        self.checkpoints, self.every, self.config = checkpoints, every, config
+
+    def round(self, run, r, state, metrics, row):
+        if (r + 1) % self.every == 0 and r + 1 < run.experiment.cfg.sampling.rounds:
+            self.checkpoints.save(r + 1, state, {"rounds": r + 1, "config": self.config})
 
 
 class ProgressReporter(Reporter):
@@ -248,11 +339,18 @@ class ProgressReporter(Reporter):
                         file=sys.stderr, dynamic_ncols=True)
         self.accuracy = float("nan")
 
+    def resume(self, run, rows):
+        for row in rows:
+            if row.get("test_accuracy") is not None:
+                self.accuracy = row["test_accuracy"]
+        self.bar.update(len(rows))
+
     def round(self, run, r, state, metrics, row):
         if row.get("test_accuracy") is not None:
             self.accuracy = row["test_accuracy"]
         eps = "inf" if row.get("epsilon") is None else f"{row['epsilon']:.3g}"
-        self.bar.set_postfix(loss=f"{row.get('train_loss', float('nan')):.3f}",
+        loss = row.get("train_loss")
+        self.bar.set_postfix(loss="-" if loss is None else f"{loss:.3f}",
                              acc=f"{self.accuracy:.3f}", eps=eps,
                              upd_s=f"{row['client_updates_per_s']:.0f}")
         self.bar.update(1)
@@ -271,6 +369,6 @@ class CallbackReporter(Reporter):
         self.callback(row)
 
 
-__all__ = ["AttackReporter", "CallbackReporter", "ClipReporter", "EvaluationReporter",
-           "JsonLinesReporter", "PrivacyReporter", "ProgressReporter", "Reporter",
+__all__ = ["AttackReporter", "CallbackReporter", "CheckpointReporter", "ClipReporter",
+           "EvaluationReporter", "HealthReporter", "JsonLinesReporter", "PrivacyReporter", "ProgressReporter", "Reporter",
            "TrainingDiverged", "TrainingReporter", "backdoor_reporter_extra"]
