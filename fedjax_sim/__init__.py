@@ -26,7 +26,8 @@ __version__ = "0.1.0"
 _EXPERIMENT = {"ExperimentConfig": "config", "make_config": "config",
                "load_config": "config", "run_experiment": "runner",
                "build_data": "data", "assemble": "assemble", "default_delta": "server",
-               "load_params": "checkpoint", "TrainingDiverged": "reporters"}
+               "load_params": "checkpoint", "RunCheckpoints": "checkpoint",
+               "TrainingDiverged": "reporters"}
 _LAZY_MODULES = ("attacks", "experiment")
 
 

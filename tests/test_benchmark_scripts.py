@@ -107,3 +107,14 @@ def test_million_clients_counts_every_update_once():
     assert (r["clients"], r["rounds"], r["client_updates"]) == (2000, 4, 2000)
     assert _close(r["client_updates_per_s"], r["client_updates"] / r["total_seconds"])
     assert r["peak_rss_mib"] > 0
+
+
+@pytest.mark.slow
+def test_bench_checkpoint_runs_agree_and_its_ratio_is_its_times():
+    (r,) = _run("bench_checkpoint.py", "--repeats", "1", "--every", "2",
+                "--set", "num_clients=200", "--set", "cohort_size=20", "--set", "rounds=5",
+                "--set", "eval_clients=20", "--set", "max_examples=16")
+    assert r["rounds"] == 5 and r["saves_per_run"] == 2
+    assert r["accuracy_identical"]  # checkpoints never change the run
+    assert _close(r["checkpointed_vs_plain_time"], r["checkpointed_loop_s"] / r["plain_loop_s"])
+    assert r["save_s"] > 0 and r["restore_s"] > 0 and r["checkpoint_bytes"] > 0

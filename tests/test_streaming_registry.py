@@ -29,9 +29,10 @@ AGGREGATOR_OPTIONS = {
 CASES = [{"aggregator": name, **AGGREGATOR_OPTIONS.get(name, {})}
          for name in registry.family("aggregators").names
          if name not in ("mean", "dp_fedavg")] + [
-    dict(norm_bound=0.4, clip_norm=0.3, quantize_bits=4),  # mean after filter, clip, quantiser
-    dict(top_k_fraction=0.2, clip_norm=0.3, adaptive_clipping=True),  # non-private adaptive
-    dict(aggregator="dp_fedavg", clip_norm=0.3, noise_multiplier=1.0, quantize_bits=8),
+    # DP-FedAvg with a fixed bound after the norm filter, clipping and a quantiser.
+    dict(aggregator="dp_fedavg", norm_bound=0.4, clip_norm=0.3, noise_multiplier=1.0,
+         quantize_bits=4),
+    dict(top_k_fraction=0.2, clip_norm=0.3, adaptive_clipping=True),  # non-private mean
     dict(aggregator="dp_fedavg", clip_norm=0.3, noise_multiplier=1.0,
          adaptive_clipping=True, sampling="poisson", sampling_rate=0.25),
     dict(attack="sign_flip", num_malicious=10),  # the poisoning observer's partial sums
