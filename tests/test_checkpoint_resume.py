@@ -1,6 +1,7 @@
 """Checkpoint and resume: a run killed with SIGKILL and resumed from its output folder ends
 exactly where the uninterrupted run ends (final params, metrics rows and epsilon, bit for
-bit on CPU), also when the kill lands in the middle of a checkpoint save.
+bit on CPU), also when the kill lands in the middle of a checkpoint save (of the resumed
+run: resuming twice is covered too).
 
 The runs are SCAFFOLD (server and per-client control variates) under Poisson sampling
 with DP-FedAvg (noise keys in the aggregator state, the privacy ledger), so every piece of
@@ -103,8 +104,11 @@ def _resume(folder):
 
 
 @pytest.mark.slow
-def test_kill_mid_run_then_resume_is_bit_identical(reference, tmp_path, capsys):
+def test_killed_mid_run_and_during_a_save_then_resumed_is_bit_identical(reference, tmp_path,
+                                                                         capsys):
     folder = str(tmp_path / "run")
+    # 1. SIGKILL by PID in the middle of the run, once 8 rows are written (the checkpoints
+    #    of rounds 3 and 6 are complete; the rows after the newest one must be cut back).
     proc = subprocess.Popen(_cli("--output", folder), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     metrics = os.path.join(folder, "metrics.jsonl")
@@ -116,14 +120,25 @@ def test_kill_mid_run_then_resume_is_bit_identical(reference, tmp_path, capsys):
         time.sleep(0.002)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    written = len(_rows(folder))
-    assert 8 <= written < ROUNDS
+    assert 8 <= len(_rows(folder)) < ROUNDS
     assert not os.path.exists(os.path.join(folder, "summary.json"))
 
+    # 2. Resumed, and killed again inside its 2nd save: after the state's arrays are
+    #    written into orbax's temporary folder, before the save is committed.
+    proc = subprocess.run([sys.executable, "-c", DIE_DURING_SAVE, "2", *ARGS, "--resume",
+                           folder], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    checkpoints = os.listdir(os.path.join(folder, "checkpoints"))
+    assert any("tmp" in name for name in checkpoints), checkpoints  # the torn save
+    torn = len(_rows(folder))  # the rows up to the torn save's round
+    assert torn % 3 == 0 and 12 <= torn < ROUNDS
+
+    # 3. Resumed from the save before the torn one, to the end.
     _resume(folder)
     _assert_same_run(folder, reference)
     summary = json.load(open(os.path.join(folder, "summary.json")))
-    assert summary["resumed_from"] % 3 == 0 and 6 <= summary["resumed_from"] <= written
+    assert summary["resumed_from"] == torn - 3
+    assert not any("tmp" in name for name in os.listdir(os.path.join(folder, "checkpoints")))
 
     # A different configuration is refused, naming each differing field.
     rc = main([*ARGS[:-4], "--rounds", str(ROUNDS + 1), "--checkpoint-every", "3",
@@ -132,21 +147,3 @@ def test_kill_mid_run_then_resume_is_bit_identical(reference, tmp_path, capsys):
     assert rc == 2 and len(err) == 1, err
     assert "sampling.rounds (40 in the checkpoint, 41 now)" in err[0]
     assert "server.noise_multiplier (1.0 in the checkpoint, 1.5 now)" in err[0]
-
-
-@pytest.mark.slow
-def test_kill_during_a_save_leaves_the_previous_checkpoint_usable(reference, tmp_path):
-    folder = str(tmp_path / "run")
-    # The 3rd save (round 9) dies half-way: the one of round 6 must be used.
-    proc = subprocess.run([sys.executable, "-c", DIE_DURING_SAVE, "3", *ARGS, "--output",
-                           folder], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    checkpoints = os.listdir(os.path.join(folder, "checkpoints"))
-    assert any("tmp" in name for name in checkpoints), checkpoints  # the torn save
-    assert len(_rows(folder)) == 9
-
-    _resume(folder)
-    _assert_same_run(folder, reference)
-    summary = json.load(open(os.path.join(folder, "summary.json")))
-    assert summary["resumed_from"] == 6
-    assert not any("tmp" in name for name in os.listdir(os.path.join(folder, "checkpoints")))
