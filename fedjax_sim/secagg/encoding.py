@@ -1,0 +1,139 @@
+"""A client's float update into ring elements, and the server's decoding of their sum.
+
+The order of Kairouz, Liu and Steinke 2021 ("The Distributed Discrete Gaussian Mechanism
+for Federated Learning with Secure Aggregation"), per client:
+
+1. flatten the update to ``d`` floats, pad with zeros to ``p = 2^ceil(log2 d)``;
+2. rotate by ``H D / sqrt(p)``: random signs ``D`` shared by the round's clients (public
+   randomness: the ``shared_key``), then the orthonormal Walsh-Hadamard transform. The
+   rotation spreads the vector's norm over all coordinates, so the ring's range is used
+   evenly;
+3. clip to L2 norm ``c`` (the rotation preserves the norm, so this is the clip of the
+   update);
+4. scale by ``gamma`` (:func:`choose_scale`) and round stochastically to integers
+   (unbiased: ``E[round(x)] = x``);
+5. wrap into ``Z_(2^b)`` (:func:`fedjax_sim.secagg.ring.wrap`).
+
+The server decodes the modular sum: centre it to signed integers, divide by ``gamma``,
+rotate back. Without wrap-around the decoded sum is the sum of the clipped updates plus
+the rounding errors (unbiased, each under ``1 / gamma`` per rotated coordinate and
+client). :func:`choose_scale` picks ``gamma`` so that ``k`` standard deviations of an
+aggregate coordinate, plus the worst-case rounding, fit in the ring's half-range; a
+coordinate beyond that wraps, and :func:`count_wrapped` counts such coordinates from the
+unwrapped sum that only the simulator knows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_sim._validation import check_float, check_int, fail
+from fedjax_sim.secagg.ring import centre, check_bits, wrap
+from fedjax_sim.server.compression import fwht
+
+_INT32_LOW, _INT32_HIGH = -2.0**31, 2.0**31 - 128  # float32-exact bounds inside int32
+
+
+def padded_size(dim: int) -> int:
+    """``2^ceil(log2 dim)``: the length the Walsh-Hadamard transform needs."""
+    d = check_int("dim", dim, min_value=1)
+    return 1 << (d - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class RingEncoding:
+    """How one round encodes updates of ``dim`` floats into ``Z_(2^bits)``."""
+
+    bits: int
+    clip_norm: float
+    scale: float
+    dim: int
+
+    @property
+    def padded(self) -> int:
+        return padded_size(self.dim)
+
+
+def choose_scale(bits: int, clip_norm: float, dim: int, num_clients: int, *,
+                 k_stddevs: float = 4.0) -> float:
+    """``gamma`` such that ``k`` standard deviations of an aggregate coordinate fit.
+
+    After the rotation each coordinate of a clipped update has a second moment of at most
+    ``c^2 / p``, so a coordinate of the sum of ``n`` updates has a standard deviation of
+    at most ``sqrt(n) c / sqrt(p)``; stochastic rounding moves it by less than ``n`` ring
+    units. ``gamma`` makes ``k`` such deviations plus ``n`` fill the half-range
+    ``2^(b-1) - 1``.
+
+    Raises:
+      ConfigError: (naming ``bits``) when the rounding slack alone fills the ring.
+    """
+    b = check_bits(bits)
+    c = check_float("clip_norm", clip_norm, min_value=0.0, min_exclusive=True)
+    n = check_int("num_clients", num_clients, min_value=1)
+    k = check_float("k_stddevs", k_stddevs, min_value=0.0, min_exclusive=True)
+    room = 2.0 ** (b - 1) - 1 - n
+    if room <= 0:
+        fail("bits", b, f"is too few for a cohort of {n}: stochastic rounding alone can move "
+             f"a coordinate of the sum by up to {n}, the ring's half-range is {2 ** (b - 1)}")
+    std = math.sqrt(n) * c / math.sqrt(padded_size(dim))
+    return room / (k * std)
+
+
+def rotate(flat: jax.Array, shared_key: jax.Array) -> jax.Array:
+    """``H D x / sqrt(p)`` of the zero-padded ``flat`` (length ``p``)."""
+    p = padded_size(flat.shape[0])
+    signs = jax.random.rademacher(shared_key, (p,), jnp.float32)
+    return fwht(signs * jnp.pad(flat.astype(jnp.float32), (0, p - flat.shape[0])))
+
+
+def unrotate(rotated: jax.Array, shared_key: jax.Array, dim: int) -> jax.Array:
+    """The inverse of :func:`rotate`, cut back to ``dim`` coordinates."""
+    signs = jax.random.rademacher(shared_key, rotated.shape, jnp.float32)
+    return (signs * fwht(rotated))[:dim]
+
+
+def clip_l2(x: jax.Array, clip_norm: float) -> jax.Array:
+    """``x`` scaled down to L2 norm ``clip_norm`` if longer (norm computed scaled, so it
+    does not overflow)."""
+    top = jnp.max(jnp.abs(x))
+    safe = jnp.where(top > 0, top, jnp.ones_like(top))
+    norm = safe * jnp.sqrt(jnp.sum(jnp.square(x / safe)))
+    factor = jnp.minimum(jnp.ones_like(norm), clip_norm / jnp.maximum(norm, 1e-30))
+    return x * factor
+
+
+def stochastic_round(x: jax.Array, key: jax.Array) -> jax.Array:
+    """Unbiased rounding to integers (float32): up with probability ``x - floor(x)``."""
+    low = jnp.floor(x)
+    up = jax.random.uniform(key, x.shape, x.dtype) < (x - low)
+    return low + up.astype(x.dtype)
+
+
+def encode(flat: jax.Array, shared_key: jax.Array, client_key: jax.Array,
+           enc: RingEncoding) -> jax.Array:
+    """One client's ``[dim]`` update as ``[padded]`` ``uint32`` ring elements."""
+    rotated = clip_l2(rotate(flat, shared_key), enc.clip_norm)
+    integers = stochastic_round(rotated * enc.scale, client_key)
+    integers = jnp.clip(integers, _INT32_LOW, _INT32_HIGH).astype(jnp.int32)
+    return wrap(integers, enc.bits)
+
+
+def decode(total: jax.Array, shared_key: jax.Array, enc: RingEncoding) -> jax.Array:
+    """The ``[dim]`` float sum that the modular sum ``total`` of the encodings stands for."""
+    signed = centre(total, enc.bits).astype(jnp.float32)
+    return unrotate(signed / enc.scale, shared_key, enc.dim)
+
+
+def count_wrapped(unwrapped_sum: jax.Array, bits: int) -> jax.Array:
+    """Coordinates of the exact integer sum (as floats; simulator ground truth) outside the
+    ring's signed range ``[-2^(b-1), 2^(b-1))``: those the modular sum wrapped."""
+    half = 2.0 ** (check_bits(bits) - 1)
+    return jnp.sum((unwrapped_sum < -half) | (unwrapped_sum >= half)).astype(jnp.int32)
+
+
+__all__ = ["RingEncoding", "choose_scale", "clip_l2", "count_wrapped", "decode", "encode",
+           "padded_size", "rotate", "stochastic_round", "unrotate"]
