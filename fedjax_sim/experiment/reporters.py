@@ -370,5 +370,6 @@ class CallbackReporter(Reporter):
 
 
 __all__ = ["AttackReporter", "CallbackReporter", "CheckpointReporter", "ClipReporter",
-           "EvaluationReporter", "HealthReporter", "JsonLinesReporter", "PrivacyReporter", "ProgressReporter", "Reporter",
-           "TrainingDiverged", "TrainingReporter", "backdoor_reporter_extra"]
+           "EvaluationReporter", "HealthReporter", "JsonLinesReporter", "PrivacyReporter",
+           "ProgressReporter", "Reporter", "TrainingDiverged", "TrainingReporter",
+           "backdoor_reporter_extra"]
