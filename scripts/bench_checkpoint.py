@@ -5,8 +5,9 @@ defaults are the main job), after one warm-up run (it builds the data, which lat
 take from the cache), runs alternate A B A B ...: A writes metrics.jsonl, summary.json
 and the final model; B also saves a checkpoint every ``--every`` rounds. Each run reports
 its host-loop time (everything after compiling: rounds, evaluation, output, saves) and
-its final accuracy, which must agree (checkpoints never change the run). Then, on the final state of the last B run, one save and one
-restore of a checkpoint are timed on their own, with the checkpoint's size on disk.
+its final accuracy, which must agree (checkpoints never change the run). Then one save
+and one restore of the experiment's state after 3 rounds are timed on their own, with
+the checkpoint's size on disk.
 
     python scripts/bench_checkpoint.py --repeats 3 --every 10
     python scripts/bench_checkpoint.py --set algorithm=scaffold --set num_clients=100000

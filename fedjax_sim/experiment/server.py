@@ -375,8 +375,8 @@ def calibrated(cfg: Any, plan: PrivacyPlan, sampler: Sampler) -> PrivacyPlan:
         overflow = cfg.sampling.rounds * poisson_overflow_probability(
             sampler.spec.rate, sampler.num_clients, sampler.capacity)
         if overflow > OVERFLOW_BUDGET * plan.delta * (1 + 1e-6):
-            fail("sampling_rate", cfg.sampling.sampling_rate, f"a Poisson cohort would overflow its capacity "
-                 f"{sampler.capacity} with probability {overflow:.2g} over the run "
+            fail("sampling_rate", cfg.sampling.sampling_rate, "a Poisson cohort would "
+                 f"overflow its capacity {sampler.capacity} with probability {overflow:.2g} over the run "
                  f"(> {OVERFLOW_BUDGET:g}*delta)")
     if not (plan.dp and s.target_epsilon is not None):
         return plan
