@@ -200,6 +200,12 @@ def make_federated_data(x: Any, y: Any, counts: Any, *, num_classes: int | None 
                          num_classes=int(num_classes))
 
 
+def padded_bytes(num_clients: int, max_examples: int, example_shape: tuple[int, ...]) -> int:
+    """Bytes of ``num_clients`` clients padded to ``max_examples`` examples of
+    ``example_shape``: float32 inputs, an int32 label and a bool mask per slot."""
+    return num_clients * max_examples * (4 * int(np.prod(example_shape)) + 4 + 1)
+
+
 def check_cohort_data(data: ClientData, cohort: int) -> None:
     """Asserts the cohort layout (leading axis ``cohort``) of gathered client data."""
     chex.assert_tree_shape_prefix((data.x, data.y, data.mask, data.client_id), (cohort,))

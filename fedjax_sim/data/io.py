@@ -43,7 +43,7 @@ import numpy as np
 
 from fedjax_sim._validation import ConfigError, check_fits, check_int, fail
 from fedjax_sim.data.federated import (FederatedData, federated_data_from_clients,
-                                       make_federated_data)
+                                       make_federated_data, padded_bytes)
 
 __all__ = ["LoadedFederatedData", "LoadedSplit", "MAX_NUM_CLASSES", "check_source_path",
            "load_leaf", "load_leaf_split", "load_npz", "save_npz"]
@@ -166,8 +166,7 @@ def _check_example_axes(where: str, shape: tuple[int, ...], lead: int) -> None:
 
 def _check_padded_fits(field: str, path: Any, num_clients: int, max_examples: int,
                        example_shape: tuple[int, ...]) -> None:
-    per_slot = 4 * math.prod(example_shape) + 4 + 1  # float32 input, int32 label, mask
-    check_fits(field, str(path), num_clients * max_examples * per_slot,
+    check_fits(field, str(path), padded_bytes(num_clients, max_examples, example_shape),
                f"padding {num_clients} clients to {max_examples} examples of shape "
                f"{example_shape}")
 
@@ -297,8 +296,6 @@ def load_npz(path: str | os.PathLike, *, num_classes: int | None = None,
         [x[q] for q in parts], [y[q].astype(np.int64) for q in parts],
         num_classes=num_classes, max_examples=max_examples, dtype=np.float32)
     return LoadedFederatedData(data, [str(u) for u in unique])
-
-
 
 
 def _leaf_files(path: Any, field: str) -> list[Path]:

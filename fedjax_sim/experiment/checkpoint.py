@@ -27,6 +27,7 @@ from typing import Any
 import jax
 
 from fedjax_sim._validation import fail
+from fedjax_sim.experiment.outputs import MODEL
 
 STATE, META = "state", "meta"
 
@@ -118,7 +119,7 @@ def save_params(directory: str, params: Any) -> str:
     """Saves a model's params into ``directory/model`` (atomically) as host arrays, so
     that they load back on any machine and device count; returns that path."""
     ocp = _ocp()
-    path = os.path.join(os.path.abspath(directory), "model")
+    path = os.path.join(os.path.abspath(directory), MODEL)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path, jax.device_get(_plain(params)), force=True)
     return path
@@ -129,8 +130,8 @@ def load_params(directory: str) -> Any:
     ``.../model``); ``model.apply(params, x)`` takes them as they are."""
     ocp = _ocp()
     path = os.path.abspath(directory)
-    if os.path.isdir(os.path.join(path, "model")):
-        path = os.path.join(path, "model")
+    if os.path.isdir(os.path.join(path, MODEL)):
+        path = os.path.join(path, MODEL)
     if not os.path.isfile(os.path.join(path, "_METADATA")):
         fail("directory", directory, "holds no saved model (a run's output folder, or its "
              "model folder)")

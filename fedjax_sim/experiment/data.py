@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim._validation import check_fits, fail
-from fedjax_sim.data.federated import ClientData, FederatedData
+from fedjax_sim.data.federated import ClientData, FederatedData, padded_bytes
 from fedjax_sim.experiment.registry import Entry, Registry
 
 
@@ -151,9 +151,6 @@ def _check_sizes(cfg: Any) -> None:
         fail("min_examples", d.min_examples, f"exceeds max_examples={d.max_examples}")
 
 
-_BYTES_PER_EXAMPLE = 4 * GENERATED_DIM + 4 + 1  # float32 inputs, int32 label, mask
-
-
 def _blame(d: Any, *keys: str) -> str:
     """Of ``keys``, the field furthest above its default (the one to name)."""
     defaults = type(d)()
@@ -166,7 +163,7 @@ def _check_procedural(cfg: Any) -> None:
     d = cfg.data
     n_eval = min(d.eval_clients, d.num_clients)
     key = _blame(d, "eval_clients", "max_examples")
-    check_fits(key, getattr(d, key), n_eval * d.max_examples * _BYTES_PER_EXAMPLE,
+    check_fits(key, getattr(d, key), padded_bytes(n_eval, d.max_examples, (GENERATED_DIM,)),
                f"the held-out data of {n_eval} clients x {d.max_examples} examples x "
                f"{GENERATED_DIM} features")
 
@@ -176,7 +173,8 @@ def _check_materialized(cfg: Any) -> None:
     _check_sizes(cfg)
     d = cfg.data
     key = _blame(d, "num_clients", "max_examples")
-    check_fits(key, getattr(d, key), d.num_clients * d.max_examples * _BYTES_PER_EXAMPLE,
+    need = padded_bytes(d.num_clients, d.max_examples, (GENERATED_DIM,))
+    check_fits(key, getattr(d, key), need,
                f"the padded population of {d.num_clients} clients x {d.max_examples} "
                f"examples x {GENERATED_DIM} features")
 

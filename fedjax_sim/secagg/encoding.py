@@ -31,6 +31,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from fedjax_sim._trees import l2_norm
 from fedjax_sim._validation import check_float, check_int, fail
 from fedjax_sim.secagg.ring import centre, check_bits, wrap
 from fedjax_sim.server.compression import fwht
@@ -97,13 +98,10 @@ def unrotate(rotated: jax.Array, shared_key: jax.Array, dim: int) -> jax.Array:
 
 
 def clip_l2(x: jax.Array, clip_norm: float) -> jax.Array:
-    """``x`` scaled down to L2 norm ``clip_norm`` if longer (norm computed scaled, so it
-    does not overflow)."""
-    top = jnp.max(jnp.abs(x))
-    safe = jnp.where(top > 0, top, jnp.ones_like(top))
-    norm = safe * jnp.sqrt(jnp.sum(jnp.square(x / safe)))
-    factor = jnp.minimum(jnp.ones_like(norm), clip_norm / jnp.maximum(norm, 1e-30))
-    return x * factor
+    """``x`` scaled down to L2 norm ``clip_norm`` if longer (the norm is computed scaled,
+    :func:`fedjax_sim._trees.l2_norm`, so it does not overflow)."""
+    norm = l2_norm(x)
+    return x * jnp.minimum(1.0, clip_norm / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
 
 
 def stochastic_round(x: jax.Array, key: jax.Array) -> jax.Array:
