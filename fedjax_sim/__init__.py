@@ -18,7 +18,7 @@ from fedjax_sim.data.federated import ClientData, FederatedData
 from fedjax_sim.evaluation import evaluate_clients, make_central_evaluator
 from fedjax_sim.models import Model, make_model
 from fedjax_sim.observers import Observer
-from fedjax_sim.rounds import FederatedRound, RoundOutput, ServerState, make_round
+from fedjax_sim.rounds import FederatedRound, RoundOutput, ServerState, ServerView, make_round
 from fedjax_sim.sampling import CyclicSampler, FixedSizeSampler, PoissonSampler
 
 __version__ = "0.1.0"
@@ -28,7 +28,7 @@ _EXPERIMENT = {"ExperimentConfig": "config", "make_config": "config",
                "build_data": "data", "assemble": "assemble", "default_delta": "server",
                "load_params": "checkpoint", "RunCheckpoints": "checkpoint",
                "TrainingDiverged": "reporters"}
-_LAZY_MODULES = ("attacks", "experiment")
+_LAZY_MODULES = ("attacks", "experiment", "secagg")
 
 
 def __getattr__(name: str):
@@ -48,7 +48,7 @@ __all__ = [
     "ALGORITHM_NAMES", "Algorithm", "ClientConfig", "ClientData", "ClientProgram",
     "ClientResult", "ConfigError", "CyclicSampler", "FederatedData", "FederatedRound",
     "FixedSizeSampler", "Model", "Observer", "PoissonSampler", "RoundInfo", "RoundOutput",
-    "ServerProgram", "ServerState", "client_mesh", "epoch_order", "evaluate_clients",
+    "ServerProgram", "ServerState", "ServerView", "client_mesh", "epoch_order", "evaluate_clients",
     "make_algorithm", "make_central_evaluator", "make_local_update", "make_model",
     "make_round", "map_cohort", "map_reduce_cohort", "mesh_for", "usable_cores",
     "use_every_cpu_core", "algorithms", "data",

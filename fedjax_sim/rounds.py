@@ -5,12 +5,15 @@ Data flow (every step is inside the jitted function; nothing goes back to the ho
     round_key ─┬─ sample ──▶ cohort ids [M] + mask              (fedjax_sim.sampling)
                └─ fold_in(client id) ──▶ one key per client     (never shared)
     server program: broadcast(params, state) ──▶ message        (fedjax_sim.algorithms)
+    protocol roster of the reducer (secure aggregation's graph and dropouts), if any
     client program, ONE client, vmapped in chunks                (fedjax_sim.cohort)
       (message, own data, own key, own state) ──▶ upload, weight, metrics, new own state
     ──▶ non-finite uploads are masked out and counted (never aggregated)
     ──▶ server chain (typed stages: client stages → reducer → aggregate stages)
         a streaming chain runs its client stages and partial sum inside each chunk, so
         the cohort's stacked uploads never exist; other chains get them all at once
+        behind a secure sum the server learns only the survivors' decoded sum; a protocol
+        that cannot finish (too few surviving neighbours) aborts and changes nothing
     ──▶ observers read the same uploads and the aggregate (metrics only)
     ──▶ server program: apply(params, state, aggregate, RoundInfo) ──▶ new params, state
     ──▶ the sampled clients' new states are written back by id
@@ -26,8 +29,10 @@ variates) lives on the device as ``[num_clients, ...]``; a round gathers the coh
 rows and writes back the new state of every sampled client whose upload was finite, so a
 client that was not sampled keeps its state bit for bit. A client updates its own state
 whether or not a server stage later drops its upload (a norm filter), as a real client
-would; a non-finite upload's state is not written (it would carry NaN into later rounds). Before allocating it, :func:`make_round` estimates
-its size and refuses, in one line naming the bytes, state that would not fit.
+would; a non-finite upload's state is not written (it would carry NaN into later
+rounds), and a round whose secure-aggregation protocol aborted writes none. Before
+allocating it, :func:`make_round` estimates its size and refuses, in one line naming the
+bytes, state that would not fit.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from fedjax_sim._host import device_memory_bytes, format_bytes
 from fedjax_sim._trees import all_finite, l2_norm
 from fedjax_sim._validation import check_int, fail
 from fedjax_sim.algorithms.base import Algorithm, ClientProgram, RoundInfo
+from fedjax_sim.comms import CommsCost, tree_bytes
 from fedjax_sim.cohort import (ClientOutput, cohort_updates, default_chunk_size, map_cohort,
                                map_reduce_cohort, mesh_size, pad_cohort)
 from fedjax_sim.data.federated import Population
@@ -78,6 +84,27 @@ class ServerState:
     round: jax.Array
 
 
+class ServerView(NamedTuple):
+    """What the server holds of the clients' uploads this round (for attacks and the
+    leakage diagnostics; ask for it with ``make_round(..., server_view=True)``).
+
+    Behind a reducer that hides clients (secure aggregation) the server learns only the
+    reducer's output: ``total`` (the decoded sum of the survivors' uploads, noise
+    included) and ``count`` (how many were summed); ``uploads`` is None. Otherwise it
+    sees every upload: ``uploads`` holds the cohort's stacked uploads as the chain
+    received them, and ``total`` is the reducer's output.
+
+    Attributes:
+      total: the reducer's output (a pytree like the upload).
+      count: int32, the clients the reducer summed (0 when the protocol aborted).
+      uploads: the stacked :class:`~fedjax_sim.server.CohortUpdates`, or None.
+    """
+
+    total: PyTree
+    count: jax.Array
+    uploads: Any = None
+
+
 class RoundOutput(NamedTuple):
     """Per-round diagnostics, all device arrays (the host reads them after the round).
 
@@ -87,16 +114,20 @@ class RoundOutput(NamedTuple):
         (clients whose uploads reached the reducer: after non-finite uploads and norm
         filters are dropped), ``num_examples``, ``num_nonfinite`` (dropped non-finite
         uploads), ``overflow`` (Poisson draws beyond capacity), ``update_norm`` (L2 of the
-        aggregate), plus every observer's metrics.
+        aggregate), ``aborted`` (the reducer's protocol could not finish, so nothing
+        changed), plus every observer's and every stage's metrics.
       client_ids: ``[M]`` the cohort (``-1`` padding).
       client_metrics: per-client metrics ``[M]`` (for attack/defence analysis): the
         program's metrics, ``update_norm`` (L2 of each upload as sent, simulator ground
         truth), ``weight`` and ``finite``.
+      server_view: what the server holds of the uploads (:class:`ServerView`), when
+        the round was made with ``server_view=True``; else None.
     """
 
     metrics: dict[str, jax.Array]
     client_ids: jax.Array
     client_metrics: dict[str, jax.Array]
+    server_view: ServerView | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +140,9 @@ class FederatedRound:
     Attributes:
       streaming: True when the chain reduces chunk by chunk (no ``[C, params]`` stack).
       why_stacked: why it does not, in words (None when it streams).
+      hides_clients: True when the server sees only the sum (secure aggregation).
+      comms: the bytes one client downloads and uploads per round
+        (:class:`~fedjax_sim.comms.CommsCost`; the run's communication ledger).
     """
 
     init: Callable[..., ServerState]
@@ -119,6 +153,8 @@ class FederatedRound:
     chunk_size: int
     streaming: bool
     why_stacked: str | None
+    hides_clients: bool = False
+    comms: CommsCost | None = None
 
 
 def split_round_key(round_key: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -175,7 +211,8 @@ def check_client_state_fits(one_client_state: PyTree, num_clients: int, *,
 def make_round(algorithm: Algorithm, sampler: Sampler, *, chunk_size: int | None = None,
                mesh: Mesh | None = None, observers: Sequence[Observer] = (),
                streaming: bool | None = None,
-               client_state_budget_bytes: int | None = None) -> FederatedRound:
+               client_state_budget_bytes: int | None = None,
+               server_view: bool = False) -> FederatedRound:
     """Assembles the round of ``algorithm`` under ``sampler``.
 
     Args:
@@ -190,6 +227,10 @@ def make_round(algorithm: Algorithm, sampler: Sampler, *, chunk_size: int | None
         measure that.
       client_state_budget_bytes: the most bytes per-client state may take (default: half
         of one device's memory).
+      server_view: return what the server holds of the uploads (:class:`ServerView`)
+        in every :class:`RoundOutput`. When the server sees each upload this keeps the
+        stacked ``[C, params]`` uploads (the round does not stream); behind secure
+        aggregation it is the decoded sum only.
 
     Returns:
       The :class:`FederatedRound`.
@@ -200,7 +241,11 @@ def make_round(algorithm: Algorithm, sampler: Sampler, *, chunk_size: int | None
     chain = server.aggregator
     if streaming and not chain.streaming:
         fail("streaming", True, f"the server chain does not stream: {chain.why_stacked}")
-    stream = chain.streaming if streaming is None else bool(streaming)
+    keep_uploads = bool(server_view) and not chain.hides_clients
+    if streaming and keep_uploads:
+        fail("streaming", True, "server_view=True keeps every client's upload, so the "
+             "round cannot stream")
+    stream = chain.streaming and not keep_uploads if streaming is None else bool(streaming)
     devices = mesh_size(mesh)
     capacity = sampler.capacity + (-sampler.capacity) % devices
     if chain.min_cohort > sampler.capacity:
@@ -216,6 +261,10 @@ def make_round(algorithm: Algorithm, sampler: Sampler, *, chunk_size: int | None
                                 sampler.num_clients, budget_bytes=client_state_budget_bytes)
     observers = tuple(observers)
     client_fn = engine_client(client)
+    message_shape = jax.eval_shape(lambda p: server.broadcast(p, server.init(p)),
+                                   params_shape)
+    comms = CommsCost(tree_bytes(message_shape),
+                      chain.wire(jax.eval_shape(client.upload_like, params_shape)))
 
     # With a mesh the server state lives replicated on it, from init on: a state whose
     # sharding changed between rounds would make round 2 compile the round again.
@@ -242,27 +291,36 @@ def make_round(algorithm: Algorithm, sampler: Sampler, *, chunk_size: int | None
         keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(ids)
         states = jax.tree.map(lambda s: s[jnp.where(mask, ids, 0)], state.client_states)
         message = server.broadcast(state.params, state.server)
+        roster = chain.setup(ids, mask, state.aggregator)
 
+        uploads = None
         if stream:  # Reduce chunk by chunk: O(chunk) memory.
             def partial(chunk):
-                return (chain.partial(chunk, state.aggregator),
+                return (chain.partial(chunk, state.aggregator, roster),
                         tuple(o.partial(chunk) for o in observers))
 
             (total, observed), out = map_reduce_cohort(
                 client_fn, partial, message, population, ids, keys, mask, states,
                 chunk_size=chunk_size, mesh=mesh)
-            aggregate, aggregator, counts = chain.finalize(total, state.aggregator)
+            aggregate, aggregator, counts, reduced = chain.finalize(
+                total, state.aggregator, roster, mask & out.finite, with_view=True)
         else:  # Non-sum reducers need every upload at once: [C, ...] stacked uploads.
             out = map_cohort(client_fn, message, population, ids, keys, states,
                              chunk_size=chunk_size, mesh=mesh)
             uploads = cohort_updates(out, mask, ids)
             observed = tuple(o.partial(uploads) for o in observers)
-            aggregate, aggregator, counts = chain.reduce(uploads, state.aggregator)
-        ok = mask & out.finite
+            aggregate, aggregator, counts, reduced = chain.reduce(
+                uploads, state.aggregator, roster, with_view=True)
+        aborted = jnp.asarray(counts.aborted, bool)
+        ok = mask & out.finite & ~aborted  # an aborted round writes no client state
         params, server_state = server.apply(
             state.params, state.server, aggregate,
             RoundInfo(counts.aggregated, counts.contributing, state.round,
                       sampler.num_clients))
+        # An aborted protocol reveals nothing and changes no model: keep the old ones.
+        params, server_state = jax.tree.map(
+            lambda new, old: jnp.where(aborted, old, new), (params, server_state),
+            (state.params, state.server))
 
         scatter_ids = jnp.where(ok, ids, sampler.num_clients)  # out of range -> dropped
         client_states = jax.tree.map(
@@ -279,17 +337,27 @@ def make_round(algorithm: Algorithm, sampler: Sampler, *, chunk_size: int | None
             "num_nonfinite": jnp.sum(mask & ~out.finite).astype(jnp.int32),
             "overflow": cohort.overflow,
             "update_norm": l2_norm(aggregate),
+            "aborted": aborted,
         })
         for observer, total in zip(observers, observed):
             metrics.update(observer.finalize(total, aggregate))
+        metrics.update(chain.metrics(aggregator))
         new_state = ServerState(params=params, server=server_state, aggregator=aggregator,
                                 client_states=client_states, round=state.round + 1)
         if replicated is not None:  # as init placed it: round 2 reuses round 1's program
             new_state = jax.lax.with_sharding_constraint(new_state, replicated)
         client_metrics = dict(out.metrics, weight=out.weight, finite=out.finite)
-        return new_state, RoundOutput(metrics, ids, client_metrics)
+        view = None
+        if server_view:
+            view = ServerView(reduced, counts.aggregated,
+                              None if chain.hides_clients else uploads)
+        return new_state, RoundOutput(metrics, ids, client_metrics, view)
 
+    why = None
+    if not stream:
+        why = chain.why_stacked or ("server_view=True keeps every upload" if keep_uploads
+                                    else "streaming=False was asked for")
     return FederatedRound(init=init, step=jax.jit(step), step_unjitted=step,
                           cohort_capacity=capacity, chunk_size=chunk_size,
-                          streaming=stream, why_stacked=None if stream else (
-                              chain.why_stacked or "streaming=False was asked for"))
+                          streaming=stream, why_stacked=why,
+                          hides_clients=chain.hides_clients, comms=comms)

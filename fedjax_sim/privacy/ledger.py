@@ -14,9 +14,10 @@ What it checks (each a one-line :class:`~fedjax_sim.ConfigError` naming the chai
 * exactly one stage adds DP noise, after the reducer (or fused into it);
 * the reducer is a unit-weight sum (``sum_updates()``): the sensitivity of anything else
   (a weighted mean, a median, Krum) is not the clip bound;
-* a stage before the reducer bounds each client, with a fixed bound for noise scaled to a
-  fixed sensitivity (adaptive clipping's bound moves with the data), and no stage after
-  the last bound can raise a client's norm again (a quantiser).
+* a stage before the reducer (or the reducer itself, as the secure sum does) bounds each
+  client, with a fixed bound for noise scaled to a fixed sensitivity (adaptive
+  clipping's bound moves with the data), and no stage after the last bound can raise a
+  client's norm again (a quantiser).
 
 It reads the chain by its stages' declared properties and imports nothing from
 :mod:`fedjax_sim.server`.
@@ -85,6 +86,9 @@ def ledger_for(transform: Any, sampling: SamplingSpec, *, accountant: str = "rdp
         fail("server_chain", names, f"{noise.name!r} needs an unweighted sum before it "
              f"(sum_updates); the sensitivity of {names[reducer]!r} is not the clip bound")
     bound = _client_bound(stages[:reducer], names)
+    own = stages[reducer].bound
+    if bound is None and isinstance(own, float):  # a reducer that bounds each client
+        bound = own  # itself (the secure sum clips and rounds inside the protocol)
     if fused:
         bound = None
     elif bound == "state":

@@ -49,57 +49,25 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from fedjax_sim._trees import (per_client_l2_norms, scale_per_client, select_clients,
-                               weighted_sum)
+from fedjax_sim._trees import per_client_l2_norms, scale_per_client, weighted_sum
 from fedjax_sim._validation import fail
+from fedjax_sim.comms import Wire, leaf_sizes, tree_bytes
+from fedjax_sim.server.uploads import (CohortUpdates, Counts, client_positions, cohort_size,
+                                       count_clients, is_cohort, masked_weights, stage_key,
+                                       zero_masked)
+
+# Re-exported: the stages' modules take the uploads' helpers from here.
+__all__ = ["Chain", "CohortUpdates", "Counts", "ServerTransform", "Stage", "StageKind",
+           "as_chain", "chain", "client_positions", "client_stage", "cohort_size",
+           "count_clients", "is_cohort", "masked_weights", "per_client_l2_norms",
+           "scale_per_client", "stage_key", "weighted_sum", "zero_masked"]
 
 PyTree = Any
-
-__all__ = ["Chain", "CohortUpdates", "Counts", "ServerTransform", "Stage", "StageKind", "as_chain",
-           "chain", "client_stage", "cohort_size", "is_cohort", "masked_weights",
-           "per_client_l2_norms", "scale_per_client", "stage_key", "weighted_sum",
-           "zero_masked"]
-
-
-class CohortUpdates(NamedTuple):
-    """Stacked client uploads that a client/cohort stage or a reducer consumes.
-
-    Attributes:
-      updates: pytree of per-client uploads, every leaf ``[C, ...]``.
-      weights: ``[C]`` float32 aggregation weights (0 for masked clients).
-      mask: ``[C]`` bool, ``True`` for clients whose upload takes part in aggregation.
-      client_ids: ``[C]`` int32 population ids (``-1`` for padding), or None (then a
-        client stage keys its randomness by position in the cohort).
-    """
-
-    updates: PyTree
-    weights: jax.Array
-    mask: jax.Array
-    client_ids: jax.Array | None = None
-
-
-class Counts(NamedTuple):
-    """int32 counts of the clients that reached the reducer (after client stages).
-
-    Attributes:
-      aggregated: unmasked clients (what the round reports as ``num_aggregated``).
-      contributing: those of them with a positive weight (a client with no data has
-        weight 0 in a weighted mean).
-    """
-
-    aggregated: jax.Array
-    contributing: jax.Array
-
-
-def count_clients(cohort: CohortUpdates) -> Counts:
-    """The :class:`Counts` of a (zero-masked) cohort or chunk; additive over chunks."""
-    return Counts(jnp.sum(cohort.mask.astype(jnp.int32)),
-                  jnp.sum((cohort.mask & (cohort.weights > 0)).astype(jnp.int32)))
 
 
 class StageKind(enum.Enum):
@@ -142,6 +110,22 @@ class Stage:
       mechanism: a DP mechanism (noise stages), read by the privacy ledger.
       unit_sum: ``REDUCE``: every unmasked client enters the sum with weight 1.
       min_cohort: ``REDUCE``: the smallest cohort its guarantee holds for.
+      setup: ``REDUCE`` with a protocol over the cohort (secure aggregation), optional:
+        ``(ids [C], sampled [C], state) -> roster``, once per round before any client
+        trains (the neighbour graph, who drops out). Such a reducer streams with
+        ``partial(chunk, state, roster)`` and ``finalize(total, state, roster, arrived)
+        -> (aggregate, state, Counts)``, where ``arrived [C]`` marks the sampled clients
+        whose upload was finite.
+      hides_clients: ``REDUCE``: the server learns only the reducer's output (a secure
+        sum), never one client's upload; the chain then rejects every stage that would
+        read uploads one by one on the server.
+      server_side: ``CLIENT``: the stage models a check the *server* makes on each upload
+        (a norm filter), so it cannot run behind a reducer that hides clients.
+      metrics: optional ``state -> {name: scalar}``: the stage's diagnostics of the round
+        just run (read from its new state), merged into the round's metrics.
+      wire: ``CLIENT``/``REDUCE``, optional: ``leaf sizes of one upload ->``
+        :class:`~fedjax_sim.comms.Wire`, the bytes a client sends when the stage
+        re-encodes the upload (a quantiser, top-k, secure aggregation's ring elements).
     """
 
     name: str
@@ -158,6 +142,11 @@ class Stage:
     mechanism: Any = None
     unit_sum: bool = False
     min_cohort: int = 1
+    setup: Callable | None = None
+    hides_clients: bool = False
+    server_side: bool = False
+    metrics: Callable[[PyTree], dict[str, jax.Array]] | None = None
+    wire: Callable[[tuple[int, ...]], Wire] | None = None
 
     def __post_init__(self):
         if not isinstance(self.kind, StageKind):
@@ -173,6 +162,13 @@ class Stage:
             fail(self.name, "stats", "only client stages keep per-round statistics")
         if self.bound == "state" and self.bound_of is None:
             fail(self.name, "bound", "a bound kept in the state needs bound_of")
+        if self.kind is not StageKind.REDUCE and (self.setup or self.hides_clients):
+            fail(self.name, "setup", "only a reducer runs a protocol over the cohort")
+        if self.setup is not None and self.partial is None:
+            fail(self.name, "setup", "a reducer with a protocol must stream (partial + "
+                 "finalize)")
+        if self.server_side and self.kind is not StageKind.CLIENT:
+            fail(self.name, "server_side", "only per-client stages are marked server_side")
 
     @property
     def streaming(self) -> bool:
@@ -195,50 +191,13 @@ ServerTransform = Stage  # a Stage or a Chain: both have init and update
 def client_stage(name: str, apply: Callable, *, init: Callable = _no_state,
                  stats: Callable | None = None, advance: Callable | None = None,
                  bound: float | str | None = None, bound_of: Callable | None = None,
-                 preserves_bound: bool = False) -> Stage:
+                 preserves_bound: bool = False, server_side: bool = False,
+                 wire: Callable[[tuple[int, ...]], Wire] | None = None) -> Stage:
     """A ``CLIENT`` stage; ``apply(cohort, state) -> cohort`` must treat clients alone."""
     return Stage(name, StageKind.CLIENT, init=init, apply=apply, stats=stats,
                  advance=advance, bound=bound, bound_of=bound_of,
-                 preserves_bound=preserves_bound or bound is not None)
-
-
-def stage_key(key: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(this round's key, next state's key)`` of a client stage's key schedule."""
-    next_key, round_key = jax.random.split(key)
-    return round_key, next_key
-
-
-def is_cohort(value: Any) -> bool:
-    """True for stacked per-client values, False for an aggregate."""
-    return isinstance(value, CohortUpdates)
-
-
-def masked_weights(cohort: CohortUpdates) -> jax.Array:
-    """The weights with masked clients set to exactly zero."""
-    return jnp.where(cohort.mask, cohort.weights, 0.0).astype(jnp.float32)
-
-
-def zero_masked(cohort: CohortUpdates) -> CohortUpdates:
-    """Sets masked clients' uploads and weights to exactly zero.
-
-    A select, not a product, so masked junk (huge, inf or NaN values) cannot leak into any
-    later sum. The chain calls it once when the cohort enters; a stage that changes the
-    mask calls it on what it drops.
-    """
-    return cohort._replace(updates=select_clients(cohort.mask, cohort.updates),
-                           weights=masked_weights(cohort))
-
-
-def cohort_size(cohort: CohortUpdates) -> int:
-    """The static cohort size ``C`` (the leading axis of the mask), known at trace time."""
-    return int(cohort.mask.shape[0])
-
-
-def client_positions(cohort: CohortUpdates) -> jax.Array:
-    """The ids a client stage keys randomness by: population ids, else positions."""
-    if cohort.client_ids is not None:
-        return cohort.client_ids
-    return jnp.arange(cohort_size(cohort), dtype=jnp.int32)
+                 preserves_bound=preserves_bound or bound is not None,
+                 server_side=server_side, wire=wire)
 
 
 def _require(stage: Stage, value: Any) -> None:
@@ -285,6 +244,12 @@ class Chain:
                      "must come before the reducer")
             if r > rank or last is None:
                 rank, last = r, s  # last: the first stage of the current rank
+        hiding = [s.name for s in self.stages if s.hides_clients]
+        if hiding:
+            for s in self.stages:
+                if s.kind is StageKind.COHORT or s.server_side:
+                    fail("server_chain", names, f"{s.name!r} reads each client's upload on "
+                         f"the server, but {hiding[0]!r} shows the server only the sum")
 
     # ------------------------------------------------------------- derived properties
 
@@ -337,6 +302,12 @@ class Chain:
         return f"stage {cohort[0]!r} reads the whole cohort"
 
     @property
+    def hides_clients(self) -> bool:
+        """True when the server sees only the reducer's output (secure aggregation)."""
+        r = self.reducer
+        return r is not None and r.hides_clients
+
+    @property
     def mechanisms(self) -> tuple[Stage, ...]:
         """The stages that carry a DP mechanism."""
         return tuple(s for s in self.stages if s.mechanism is not None)
@@ -374,8 +345,32 @@ class Chain:
 
     # ---------------------------------------------------------------------- running
 
+    def wire(self, upload: PyTree) -> Wire:
+        """The bytes one client sends per round (:class:`~fedjax_sim.comms.Wire`): the
+        last stage up to the reducer that re-encodes the upload decides; without one,
+        the upload at its own dtypes."""
+        for s in reversed(self.pre + ((self.reducer,) if self.reducer else ())):
+            if s.wire is not None:
+                return s.wire(leaf_sizes(upload))
+        return Wire(tree_bytes(upload))
+
     def init(self, params: PyTree) -> tuple:
         return tuple(s.init(params) for s in self.stages)
+
+    def setup(self, ids: jax.Array, sampled: jax.Array, state: PyTree) -> PyTree:
+        """The reducer's per-round protocol roster (None when it runs no protocol)."""
+        i = self.reducer_index
+        if i is None or self.stages[i].setup is None:
+            return None
+        return self.stages[i].setup(ids, sampled, state[i])
+
+    def metrics(self, state: PyTree) -> dict[str, jax.Array]:
+        """Every stage's diagnostics of the round just run, read from the new state."""
+        out: dict[str, jax.Array] = {}
+        for s, st in zip(self.stages, state):
+            if s.metrics is not None:
+                out.update(s.metrics(st))
+        return out
 
     def _run_pre(self, cohort: CohortUpdates, states) -> tuple[CohortUpdates, list]:
         """The stages before the reducer on a whole cohort; returns their new states."""
@@ -417,20 +412,28 @@ class Chain:
             new.append(st)
         return value, tuple(new)
 
-    def reduce(self, cohort: CohortUpdates, state: PyTree) -> tuple[PyTree, tuple, Counts]:
-        """Stacked path: ``(aggregate, new state, Counts)`` of a whole cohort."""
+    def reduce(self, cohort: CohortUpdates, state: PyTree, roster: PyTree = None, *,
+               with_view: bool = False) -> tuple:
+        """Stacked path: ``(aggregate, new state, Counts)`` of a whole cohort (plus the
+        reducer's output, what the server holds before its aggregate stages, with
+        ``with_view``). ``roster``: :meth:`setup`'s, for a reducer with a protocol (the
+        cohort's mask then marks the clients whose upload arrived)."""
         i = self._need_reducer()
         r = self.reducer
+        if r.setup is not None:
+            return self.finalize(self.partial(cohort, state, roster), state, roster,
+                                 cohort.mask, with_view=with_view)
         cohort, new = self._run_pre(zero_masked(cohort), state[:i])
         count = count_clients(cohort)
         if r.streaming:
-            aggregate, st = r.finalize(r.partial(cohort, state[i]), state[i])
+            reduced, st = r.finalize(r.partial(cohort, state[i]), state[i])
         else:
-            aggregate, st = r.apply(cohort, state[i])
-        aggregate, post = self._run_post(aggregate, state[i + 1:])
-        return aggregate, tuple(new + [st] + post), count
+            reduced, st = r.apply(cohort, state[i])
+        aggregate, post = self._run_post(reduced, state[i + 1:])
+        out = (aggregate, tuple(new + [st] + post), count)
+        return out + (reduced,) if with_view else out
 
-    def partial(self, chunk: CohortUpdates, state: PyTree) -> PyTree:
+    def partial(self, chunk: CohortUpdates, state: PyTree, roster: PyTree = None) -> PyTree:
         """Streaming path: one chunk's additive contribution (client stages run here)."""
         i = self._need_streaming()
         chunk = zero_masked(chunk)
@@ -438,18 +441,32 @@ class Chain:
         for s, st in zip(self.pre, state[:i]):
             stats.append(s.stats(chunk, st) if s.stats else ())
             chunk = s.apply(chunk, st)
-        return tuple(stats), self.stages[i].partial(chunk, state[i]), count_clients(chunk)
+        r = self.stages[i]
+        contribution = (r.partial(chunk, state[i]) if r.setup is None
+                        else r.partial(chunk, state[i], roster))
+        return tuple(stats), contribution, count_clients(chunk)
 
-    def finalize(self, total: PyTree, state: PyTree) -> tuple[PyTree, tuple, Counts]:
+    def finalize(self, total: PyTree, state: PyTree, roster: PyTree = None,
+                 arrived: jax.Array | None = None, *, with_view: bool = False) -> tuple:
         """Streaming path: ``(aggregate, new state, Counts)`` from the summed
-        contributions of every chunk and device."""
+        contributions of every chunk and device (plus the reducer's output with
+        ``with_view``). A reducer with a protocol also takes :meth:`setup`'s ``roster``
+        and ``arrived [C]``, the sampled clients whose upload was finite."""
         i = self._need_streaming()
         stats, contribution, count = total
         new = [s.advance(t, st) if s.advance else st
                for s, t, st in zip(self.pre, stats, state[:i])]
-        aggregate, st = self.stages[i].finalize(contribution, state[i])
-        aggregate, post = self._run_post(aggregate, state[i + 1:])
-        return aggregate, tuple(new + [st] + post), count
+        r = self.stages[i]
+        if r.setup is None:
+            reduced, st = r.finalize(contribution, state[i])
+        else:
+            if arrived is None:
+                fail("arrived", None, f"{r.name!r} runs a protocol and needs the mask of "
+                     "the uploads that arrived")
+            reduced, st, count = r.finalize(contribution, state[i], roster, arrived)
+        aggregate, post = self._run_post(reduced, state[i + 1:])
+        out = (aggregate, tuple(new + [st] + post), count)
+        return out + (reduced,) if with_view else out
 
     def _need_reducer(self) -> int:
         i = self.reducer_index

@@ -142,7 +142,8 @@ def zero_above_norm(max_norm: float) -> Stage:
       max_norm: the bound ``> 0``.
 
     Returns:
-      A stateless ``CLIENT`` stage with ``bound = max_norm``.
+      A stateless ``CLIENT`` stage with ``bound = max_norm``, marked ``server_side`` (the
+      server checks each upload, which it cannot do behind secure aggregation).
     """
     b = check_float("max_norm", max_norm, min_value=0.0, min_exclusive=True)
 
@@ -150,7 +151,7 @@ def zero_above_norm(max_norm: float) -> Stage:
         keep = cohort.mask & (per_client_l2_norms(cohort.updates) <= b)
         return zero_masked(cohort._replace(mask=keep))
 
-    return client_stage("zero_above_norm", apply, bound=b)
+    return client_stage("zero_above_norm", apply, bound=b, server_side=True)
 
 
 def adaptive_count_stats(cohort: CohortUpdates, clip_norm: jax.Array) -> jax.Array:

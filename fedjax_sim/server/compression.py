@@ -6,8 +6,11 @@ one client and vmapped over the cohort, inside the round's chunks (the chain str
 Client ``c`` draws its randomness from ``fold_in(round_key, id_c)`` with ``id_c`` its
 population id (its position when the cohort carries no ids), so a client's encoding does
 not depend on its chunk, its position or the cohort size; the round key comes from the
-stage's state and advances once per round. Masked clients stay zero with weight 0. These are communication-cost tools, not
-privacy or robustness mechanisms. In a DP chain put the quantisers *before* the clipping:
+stage's state and advances once per round. Masked clients stay zero with weight 0. Each
+stage declares what a client sends (its ``wire``: packed bits plus side information,
+or values plus indices), which the run's communication ledger counts
+(:mod:`fedjax_sim.comms`). These are communication-cost tools, not privacy or robustness
+mechanisms. In a DP chain put the quantisers *before* the clipping:
 quantisation can raise a client's norm above the clip bound (top-k only lowers it), so
 ``clip -> quantise -> sum -> noise`` would not have the sensitivity the clip reports.
 """
@@ -21,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sim._validation import ConfigError, check_float, check_int
+from fedjax_sim.comms import Wire, packed_bytes
 from fedjax_sim.server.base import (Stage, client_positions, client_stage, stage_key,
                                     zero_masked)
 from fedjax_sim.server.clipping import check_key
@@ -69,7 +73,7 @@ def quantize_vector(x: jax.Array, levels: int, uniform: jax.Array) -> jax.Array:
     return jnp.where(span > 0, lo + q * (safe / levels), x32).astype(x.dtype)
 
 
-def _randomised(name: str, one_client, key: jax.Array) -> Stage:
+def _randomised(name: str, one_client, key: jax.Array, wire) -> Stage:
     """A ``CLIENT`` stage ``one_client(upload, client_key, shared_round_key)``."""
     key = check_key("key", key)
 
@@ -82,7 +86,8 @@ def _randomised(name: str, one_client, key: jax.Array) -> Stage:
         return zero_masked(cohort._replace(updates=decoded))
 
     return client_stage(name, apply, init=lambda upload: CompressionState(key),
-                        advance=lambda total, state: CompressionState(stage_key(state.key)[1]))
+                        advance=lambda total, state: CompressionState(stage_key(state.key)[1]),
+                        wire=wire)
 
 
 def stochastic_quantize(bits: int, *, key: jax.Array, per_leaf: bool = True) -> Stage:
@@ -117,7 +122,10 @@ def stochastic_quantize(bits: int, *, key: jax.Array, per_leaf: bool = True) -> 
             offset += leaf.size
         return jax.tree.unflatten(jax.tree.structure(tree), out)
 
-    return _randomised("stochastic_quantize", one_client, key)
+    def wire(sizes):  # b bits a coordinate, plus a float32 min and max per range
+        return Wire(packed_bytes(sum(sizes), b) + 8 * (len(sizes) if per_leaf else 1))
+
+    return _randomised("stochastic_quantize", one_client, key, wire)
 
 
 def fwht(x: jax.Array) -> jax.Array:
@@ -164,7 +172,11 @@ def hadamard_rotate_quantize(bits: int, *, key: jax.Array) -> Stage:
         decoded = signs * fwht(quantize_vector(rotated, levels, uniform))
         return unflatten(decoded[:d])
 
-    return _randomised("hadamard_rotate_quantize", one_client, key)
+    def wire(sizes):  # b bits per padded coordinate, a float32 min and max; the signs
+        d = sum(sizes)  # come from the round's public seed (8 bytes down)
+        return Wire(packed_bytes(1 << max(d - 1, 0).bit_length(), b) + 8, 0, 8)
+
+    return _randomised("hadamard_rotate_quantize", one_client, key, wire)
 
 
 def top_k_sparsify(k: int | None = None, *, fraction: float | None = None) -> Stage:
@@ -195,5 +207,9 @@ def top_k_sparsify(k: int | None = None, *, fraction: float | None = None) -> St
         _, idx = jax.lax.top_k(jnp.abs(flat), keep)
         return unflatten(jnp.zeros_like(flat).at[idx].set(flat[idx]))
 
+    def wire(sizes):  # k float32 values and their int32 indices
+        d = sum(sizes)
+        return Wire(8 * min(kk if kk is not None else max(1, math.ceil(frac * d)), d))
+
     return client_stage("top_k_sparsify", lambda cohort, state: cohort._replace(
-        updates=jax.vmap(one_client)(cohort.updates)), preserves_bound=True)
+        updates=jax.vmap(one_client)(cohort.updates)), preserves_bound=True, wire=wire)
