@@ -81,13 +81,17 @@ def test_rounding_error_of_the_decoded_sum_is_unbiased():
 def test_wrap_around_is_counted_and_the_scale_refuses_too_few_bits():
     with pytest.raises(ConfigError, match=r"bits=4: is too few for a cohort of 10"):
         choose_scale(4, 1.0, 100, 10)
-    assert choose_scale(8, 1.0, 64, 10) == pytest.approx(
-        (2**7 - 1 - 10) / (4 * np.sqrt(10) / 8))
+    # k standard deviations n c / sqrt(p) of the (correlated) sum, plus n of rounding.
+    assert choose_scale(8, 1.0, 64, 10) == pytest.approx((2**7 - 1 - 10) / (4 * 10 / 8))
+    # With distributed noise: n^2/p + z^2 n/m under the root.
+    assert choose_scale(8, 1.0, 64, 10, noise_multiplier=2.0, expected_clients=5) == (
+        pytest.approx((2**7 - 1 - 10) / (4 * np.sqrt(100 / 64 + 4 * 10 / 5))))
     exact = jnp.asarray([-129.0, -128.0, 0.0, 127.0, 128.0], jnp.float32)
     assert int(count_wrapped(exact, 8)) == 2
-    # A cohort all sending the same large coordinate overflows an 8-bit ring.
+    # A cohort all sending the same large coordinate, at half a standard deviation of
+    # headroom, overflows an 8-bit ring.
     n, d, bits = 10, 4, 8
-    enc = RingEncoding(bits, 1.0, choose_scale(bits, 1.0, d, n, k_stddevs=1.0), d)
+    enc = RingEncoding(bits, 1.0, choose_scale(bits, 1.0, d, n, k_stddevs=0.5), d)
     same = jnp.tile(jnp.asarray([[1.0, 0.0, 0.0, 0.0]], jnp.float32), (n, 1))
     shared = jax.random.key(0)
     keys = jax.random.split(jax.random.key(1), n)

@@ -60,14 +60,34 @@ class RingEncoding:
 
 
 def choose_scale(bits: int, clip_norm: float, dim: int, num_clients: int, *,
-                 k_stddevs: float = 4.0) -> float:
+                 k_stddevs: float = 4.0, noise_multiplier: float = 0.0,
+                 expected_clients: float | None = None,
+                 sum_norm: float | None = None) -> float:
     """``gamma`` such that ``k`` standard deviations of an aggregate coordinate fit.
 
-    After the rotation each coordinate of a clipped update has a second moment of at most
-    ``c^2 / p``, so a coordinate of the sum of ``n`` updates has a standard deviation of
-    at most ``sqrt(n) c / sqrt(p)``; stochastic rounding moves it by less than ``n`` ring
-    units. ``gamma`` makes ``k`` such deviations plus ``n`` fill the half-range
-    ``2^(b-1) - 1``.
+    The sum of ``n`` clipped updates has L2 norm at most ``n c`` (client updates in one
+    round are strongly correlated, so the ``sqrt(n) c`` of independent ones would wrap:
+    measured, dozens of coordinates a round on the main job); after the shared random
+    rotation each of its ``p`` coordinates is close to a centred Gaussian of standard
+    deviation at most ``n c / sqrt(p)``. With distributed DP every client adds integer
+    noise of variance ``(gamma z c)^2 / m`` (``m`` the expected number of clients, so
+    that ``m`` shares make the central ``z c``); ``n`` shares add ``n/m (gamma z c)^2``.
+    Stochastic rounding moves a coordinate by less than ``n`` ring units. ``gamma``
+    makes ``k`` standard deviations plus ``n`` fill the half-range ``2^(b-1) - 1``:
+    ``gamma = (2^(b-1) - 1 - n) / (k c sqrt(n^2/p + z^2 n/m))`` (with ``sum_norm`` in
+    place of ``n c`` when given).
+
+    Args:
+      bits: the ring's ``b``.
+      clip_norm: ``c``, each update's L2 bound.
+      dim: the update's length (padded to ``p``).
+      num_clients: ``n``, the most clients in one sum (the cohort's capacity).
+      k_stddevs: ``k``.
+      noise_multiplier: ``z`` of the distributed noise (0 without).
+      expected_clients: ``m`` (default ``n``).
+      sum_norm: a bound on the L2 norm of the sum of the clipped updates (default the
+        worst case ``n c``; ``sqrt(n) c`` suits independent random vectors, e.g. mean
+        estimation benchmarks).
 
     Raises:
       ConfigError: (naming ``bits``) when the rounding slack alone fills the ring.
@@ -76,11 +96,16 @@ def choose_scale(bits: int, clip_norm: float, dim: int, num_clients: int, *,
     c = check_float("clip_norm", clip_norm, min_value=0.0, min_exclusive=True)
     n = check_int("num_clients", num_clients, min_value=1)
     k = check_float("k_stddevs", k_stddevs, min_value=0.0, min_exclusive=True)
+    z = check_float("noise_multiplier", noise_multiplier, min_value=0.0)
+    m = n if expected_clients is None else check_float(
+        "expected_clients", expected_clients, min_value=0.0, min_exclusive=True)
     room = 2.0 ** (b - 1) - 1 - n
     if room <= 0:
         fail("bits", b, f"is too few for a cohort of {n}: stochastic rounding alone can move "
              f"a coordinate of the sum by up to {n}, the ring's half-range is {2 ** (b - 1)}")
-    std = math.sqrt(n) * c / math.sqrt(padded_size(dim))
+    signal = n * c if sum_norm is None else check_float(
+        "sum_norm", sum_norm, min_value=0.0, min_exclusive=True)
+    std = math.sqrt(signal * signal / padded_size(dim) + (z * c) ** 2 * n / m)
     return room / (k * std)
 
 
