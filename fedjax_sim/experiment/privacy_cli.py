@@ -10,6 +10,9 @@ Examples::
       --delta 1e-5 [--max-rounds 1024] [--participation once|once_per_tree]
   fedjax-sim privacy --mechanism dp_ftrl_tree --noise-multiplier 2 --rounds 300 \\
       --delta 1e-6 --cohort-size 100 --population 10000 [--max-rounds 50]
+  fedjax-sim privacy --mechanism ddg --noise-multiplier 1 --sampling poisson --rate 0.01 \\
+      --population 10000 --rounds 1000 --delta 1e-5 --bits 16 --clip-norm 1 --dim 7850 \\
+      [--dropout 0.1] [--beta 0.6]
 
 With ``--cohort-size M --population N`` the DP-FTRL epsilon is that of a
 ``fedjax-sim run --aggregator dp_ftrl --sampling cyclic`` run (the same
@@ -17,6 +20,13 @@ With ``--cohort-size M --population N`` the DP-FTRL epsilon is that of a
 ``--max-rounds`` rounds (default one pass, ``N // M`` rounds, the most it may be), and
 the participation follows from the cyclic order (at most once in total within one pass,
 then at most once per tree).
+
+With ``--mechanism ddg|skellam`` the rounds are distributed DP under secure aggregation
+(:mod:`fedjax_sim.privacy.distributed`): each of the ``m = rate * population`` expected
+clients adds a noise share of std ``z * clip_norm / sqrt(m)`` to its update encoded in a
+``--bits``-bit ring (``--dim`` parameters padded to a power of two; the scale fits 4
+standard deviations of a noisy sum of ``ceil(m)`` clients), and every round is accounted
+with the ``floor((1 - dropout) m)`` shares expected to reach the sum.
 
 Prints one line (or one JSON object with ``--json``) to stdout and returns 0; a bad
 configuration prints one ``fedjax-sim privacy: error: ...`` line to stderr and returns 2.
@@ -34,28 +44,36 @@ from fedjax_sim._validation import ConfigError, fail
 from fedjax_sim.experiment.flags import add_field_flags
 from fedjax_sim.experiment.schema import option, section_fields
 from fedjax_sim.privacy import accounting as acc
+from fedjax_sim.privacy import distributed as dist
 from fedjax_sim.privacy import dp_ftrl_accounting as ftrl
 from fedjax_sim.privacy.schedule import SamplingSpec
+from fedjax_sim.secagg.encoding import padded_size
 
-MECHANISMS = ("sampled_gaussian", "dp_ftrl_tree")
+MECHANISMS = ("sampled_gaussian", "dp_ftrl_tree", "ddg", "skellam")
+DISTRIBUTED = ("ddg", "skellam")
 
 
 @dataclasses.dataclass(frozen=True)
 class PrivacyQuery:
     """The ``privacy`` subcommand's own fields (the others are the run's, shared)."""
 
-    mechanism: str = option("sampled_gaussian", "sampled Gaussian rounds, or DP-FTRL tree "
-                            "aggregation", choices=MECHANISMS)
+    mechanism: str = option("sampled_gaussian", "sampled Gaussian rounds, DP-FTRL tree "
+                            "aggregation, or distributed DP under secure aggregation "
+                            "(distributed discrete Gaussian, Skellam)", choices=MECHANISMS)
     participation: str | None = option(None, "dp_ftrl_tree without a cyclic schedule: each "
                                        "client in at most one round overall (once, the "
                                        "default) or once per tree",
                                        choices=ftrl.DP_FTRL_PARTICIPATION)
+    dim: int | None = option(None, "ddg/skellam (required with them): the model's number of "
+                             "parameters, padded to a power of two", low=1)
 
 
 # The run's fields this subcommand shares (flat key -> extra flags of earlier versions).
 SHARED = {"noise_multiplier": (), "target_epsilon": (), "sampling": (),
           "sampling_rate": ("--rate",), "cohort_size": (), "num_clients": ("--population",),
-          "rounds": (), "delta": (), "accountant": (), "ftrl_restart_rounds": ("--max-rounds",)}
+          "rounds": (), "delta": (), "accountant": (), "ftrl_restart_rounds": ("--max-rounds",),
+          "clip_norm": (), "bits": (), "dropout": (), "beta": (), "k_stddevs": ()}
+DISTRIBUTED_ONLY = ("clip_norm", "bits", "dim", "dropout", "beta", "k_stddevs")
 OWN = section_fields(PrivacyQuery, "privacy")
 
 
@@ -70,7 +88,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "privacy", help="client-level DP epsilon for a noise multiplier (or the reverse)",
         description="Client-level (epsilon, delta) of DP federated rounds via dp-accounting. "
                     "Poisson sampling: add/remove-one-client adjacency; fixed-size: "
-                    "replace-one-client; dp_ftrl_tree: replace-one-client-with-zero.")
+                    "replace-one-client; dp_ftrl_tree: replace-one-client-with-zero; ddg/skellam: "
+                    "add/remove-one-client, Poisson sampling only.")
     goal = p.add_mutually_exclusive_group()  # prints epsilon, or calibrates z
     add_field_flags(goal, [FIELDS["noise_multiplier"], FIELDS["target_epsilon"]])
     add_field_flags(p, [FIELDS[k] for k in SHARED if k not in ("noise_multiplier",
@@ -98,6 +117,12 @@ class _Args:
     max_rounds: int | None
     mechanism: str
     participation: str | None
+    clip_norm: float | None
+    bits: int | None
+    dim: int | None
+    dropout: float | None
+    beta: float | None
+    k_stddevs: float | None
 
 
 def _parse(ns: argparse.Namespace) -> _Args:
@@ -105,7 +130,7 @@ def _parse(ns: argparse.Namespace) -> _Args:
 
     def value(key):
         raw = getattr(ns, key)
-        spec = FIELDS.get(key) or next(s for s in OWN if s.key == key)
+        spec = next((s for s in OWN if s.key == key), None) or FIELDS[key]
         return None if raw is None else spec.coerce(raw)
 
     z, eps = value("noise_multiplier"), value("target_epsilon")
@@ -118,7 +143,8 @@ def _parse(ns: argparse.Namespace) -> _Args:
     return _Args(z, eps, value("sampling"), value("sampling_rate"), value("cohort_size"),
                  value("num_clients"), value("rounds"), value("delta"),
                  value("accountant") or "rdp", value("ftrl_restart_rounds"),
-                 value("mechanism") or "sampled_gaussian", value("participation"))
+                 value("mechanism") or "sampled_gaussian", value("participation"),
+                 *(value(k) for k in DISTRIBUTED_ONLY))
 
 
 def _sampling(args) -> acc.SamplingSpec:
@@ -142,6 +168,12 @@ def _sampling(args) -> acc.SamplingSpec:
 def _compute(args) -> dict[str, Any]:
     out: dict[str, Any] = {"mechanism": args.mechanism, "rounds": args.rounds,
                            "delta": args.delta}
+    if args.mechanism in DISTRIBUTED:
+        return _compute_distributed(args, out)
+    for key in DISTRIBUTED_ONLY:
+        if getattr(args, key) is not None:
+            fail("--" + key.replace("_", "-"), getattr(args, key),
+                 "only for --mechanism ddg or skellam")
     if args.mechanism == "dp_ftrl_tree":
         return _compute_dp_ftrl(args, out)
     if args.max_rounds is not None:
@@ -202,8 +234,66 @@ def _compute_dp_ftrl(args, out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _compute_distributed(args, out: dict[str, Any]) -> dict[str, Any]:
+    """DDG / Skellam under secure aggregation: Poisson sampling, m = rate * population;
+    ``--bits``, ``--dropout``, ``--k-stddevs`` default to the run's defaults."""
+    from fedjax_sim.experiment.config import FIELDS
+
+    for flag, val in (("--max-rounds", args.max_rounds),
+                      ("--participation", args.participation)):
+        if val is not None:
+            fail(flag, val, "only for --mechanism dp_ftrl_tree")
+    if args.sampling != "poisson":
+        fail("--sampling", args.sampling, f"--mechanism {args.mechanism} needs --sampling "
+             "poisson (with --rate and --population)")
+    sampling = _sampling(args)
+    if args.population is None:
+        fail("--population", None, f"--mechanism {args.mechanism} needs --population N (the "
+             "expected clients per round are rate * N)")
+    for flag, val in (("--clip-norm", args.clip_norm), ("--dim", args.dim)):
+        if val is None:
+            fail(flag, None, f"is required with --mechanism {args.mechanism}")
+    if args.accountant != "rdp":
+        fail("--accountant", args.accountant, f"{args.mechanism} is accounted with rdp")
+    n = args.rate * args.population
+    if n < 1:
+        fail("--rate", args.rate, f"expects {n:g} clients per round of the population; "
+             "distributed noise needs at least 1")
+    run = {k: FIELDS[k].default for k in ("bits", "dropout", "k_stddevs")}  # the run's
+    bits, dropout, k_stddevs = (run[k] if getattr(args, k) is None else getattr(args, k)
+                                for k in ("bits", "dropout", "k_stddevs"))
+    beta = dist.DEFAULT_BETA if args.beta is None else args.beta
+    padded = padded_size(args.dim)
+    survivors = dist.expected_survivors(n, dropout)
+    settings = dict(clip_norm=args.clip_norm, bits=bits, dim=padded, expected_clients=n,
+                    k_stddevs=k_stddevs)
+    if args.target_epsilon is not None:
+        z = dist.calibrate_distributed(args.target_epsilon, args.delta, args.rounds,
+                                       args.mechanism, sampling=sampling, beta=beta,
+                                       dropout=dropout, **settings)
+        out.update(target_epsilon=args.target_epsilon)
+    else:
+        z = args.noise_multiplier
+    noise = dist.DistributedNoise(args.mechanism, z, beta=beta, **settings)
+    ledger = noise.ledger(sampling, delta=args.delta)
+    ledger.record_round(args.rounds, survivors=survivors)
+    out.update(sampling=sampling.describe(), accountant="rdp",
+               neighboring_relation="add_or_remove_one", noise_multiplier=z,
+               epsilon=ledger.epsilon(), bits=bits, clip_norm=args.clip_norm,
+               dim=args.dim, padded_dim=padded, expected_clients=n, survivors=survivors,
+               dropout=dropout, beta=beta, k_stddevs=k_stddevs, scale=noise.scale,
+               local_std=noise.local_std,
+               l2_sensitivity=noise.l2_sensitivity)
+    return out
+
+
 def _format(out: dict[str, Any]) -> str:
-    if out["mechanism"] == "dp_ftrl_tree":
+    if out["mechanism"] in DISTRIBUTED:
+        what = (f"{dist.MECHANISM[out['mechanism']]} ({out['bits']}-bit ring, dim "
+                f"{out['dim']} padded to {out['padded_dim']}, {out['expected_clients']:g} "
+                f"expected clients, {out['survivors']} counted at dropout "
+                f"{out['dropout']:g}, beta={out['beta']:.3g}), {out['sampling']}")
+    elif out["mechanism"] == "dp_ftrl_tree":
         tree = ("one tree" if out["max_rounds"] is None
                 else f"tree restarted every {out['max_rounds']} rounds")
         what = f"dp_ftrl_tree ({tree}, participation {out['participation']}"
