@@ -8,7 +8,8 @@
     sampler = sampler registry     (cfg.sampling, population, the plan's overflow tail)
     plan  = calibrated plan        (z from target_epsilon for the sampler's schedule)
     adversary = attack registry    (cfg.attack, the data)      client wrapper, stage
-    chain = [adversary stage] + server chain (compress, filter, clip, reducer, noise)
+    chain = [adversary stage] + server chain (compress, filter, clip, reducer, noise;
+            with secure aggregation: secure sum, then the aggregator's noise/division)
     algorithm = algorithm registry (cfg.algorithm, model, chain), wrapped by the adversary
     ledger = ledger_for(chain, sampler.spec)                   read from what runs
     round = make_round(algorithm, sampler, engine settings, observers)
@@ -39,6 +40,7 @@ from fedjax_sim.privacy import ledger_for
 from fedjax_sim.rounds import FederatedRound, make_round
 from fedjax_sim.sampling import Sampler
 from fedjax_sim.server.base import chain
+from fedjax_sim.server.reducers import weighted_mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,15 +84,23 @@ def assemble(cfg: ExperimentConfig) -> Experiment:
     model = build_model(cfg, data.example_shape, data.num_classes)
     plan = privacy_plan(cfg)
     sampler = build_sampler(cfg, pop.num_clients, plan.overflow_tail)
-    plan = calibrated(cfg, plan, sampler)
+    base_key = jax.random.key(cfg.seed)
+    weighting = resolved_weighting(cfg, plan.dp or cfg.secure.enabled)
+    upload_dim = None
+    if cfg.secure.enabled:  # the secure sum encodes exactly what a client uploads
+        probe = build_algorithm(cfg, model, chain(weighted_mean()), pop.num_clients,
+                                weighting)
+        params = jax.eval_shape(probe.server.init_params, base_key)
+        upload_dim = sum(math.prod(x.shape) for x in jax.tree.leaves(
+            jax.eval_shape(probe.client.upload_like, params)))
+    plan = calibrated(cfg, plan, sampler, upload_dim)
     adversary = build_adversary(cfg, AttackContext(pop.num_clients, data.num_classes,
                                                    data.example_shape))
-    base_key = jax.random.key(cfg.seed)
-    server_chain = build_chain(cfg, sampler=sampler, plan=plan, key=server_key(base_key))
+    server_chain = build_chain(cfg, sampler=sampler, plan=plan, key=server_key(base_key),
+                               upload_dim=upload_dim)
     if adversary.cohort_stage is not None:  # colluding, omniscient: before any defence
         server_chain = chain(adversary.cohort_stage, server_chain)
-    algorithm = build_algorithm(cfg, model, server_chain, pop.num_clients,
-                                resolved_weighting(cfg, plan.dp))
+    algorithm = build_algorithm(cfg, model, server_chain, pop.num_clients, weighting)
     if adversary.wrap is not None:
         algorithm = algorithm.with_client(adversary.wrap(algorithm.client))
     ledger = None

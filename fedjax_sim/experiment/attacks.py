@@ -156,6 +156,14 @@ def _boost(cfg: Any) -> float:
     return cfg.attack.boost or expected_cohort(cfg) / (cfg.algorithm.server_lr or 1.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class AttackMeta:
+    """Facts about an attack: ``reads_every_upload`` for the omniscient ones (a stage on
+    the server reading the honest uploads, impossible behind secure aggregation)."""
+
+    reads_every_upload: bool = False
+
+
 _ADVERSARY = frozenset({"num_malicious", "malicious_fraction"})
 _BACKDOOR = _ADVERSARY | {"target_label", "poison_fraction", "trigger_size", "trigger_value"}
 REGISTRY = Registry("attacks", "attack", "attack", governed={
@@ -184,9 +192,11 @@ REGISTRY.add(Entry("gaussian", _staged(lambda cfg, ctx, t: P.gaussian_noise_atta
     cfg.attack.attack_strength or 1.0)), "send N(0, strength^2) noise",
     uses=_ADVERSARY | {"attack_strength"}, check=_check_adversary))
 REGISTRY.add(Entry("alie", _omniscient("alie"), "A Little Is Enough (omniscient)",
-                   uses=_ADVERSARY | {"attack_strength"}, check=_check_omniscient))
+                   uses=_ADVERSARY | {"attack_strength"}, check=_check_omniscient,
+                   meta=AttackMeta(reads_every_upload=True)))
 REGISTRY.add(Entry("ipm", _omniscient("ipm"), "inner-product manipulation (omniscient)",
-                   uses=_ADVERSARY | {"attack_strength"}, check=_check_omniscient))
+                   uses=_ADVERSARY | {"attack_strength"}, check=_check_omniscient,
+                   meta=AttackMeta(reads_every_upload=True)))
 
 
 def build_adversary(cfg: Any, ctx: AttackContext) -> AdversaryPlan:

@@ -1,8 +1,8 @@
 """The configuration of a ``fedjax-sim run``: sections of frozen dataclasses.
 
 :class:`ExperimentConfig` holds one section per concern (``data``, ``model``,
-``algorithm``, ``sampling``, ``server``, ``attack``, ``engine``, ``output``) and the run's
-``seed``. Every field is declared once (:func:`~fedjax_sim.experiment.schema.option`):
+``algorithm``, ``sampling``, ``server``, ``secure``, ``attack``, ``engine``, ``output``)
+and the run's ``seed``. Every field is declared once (:func:`~fedjax_sim.experiment.schema.option`):
 type, range, help and flag. ``None`` means "automatic" (the builder picks; the help
 says what).
 
@@ -221,6 +221,30 @@ class AttackConfig(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class SecureConfig(_Section):
+    SECTION = "secure"
+    enabled: bool = option(False, "secure aggregation: the server sees only the sum of the "
+                           "survivors' ring-encoded updates", flag="secure_aggregation")
+    bits: int = option(20, "secure aggregation's ring Z_(2^bits)", low=1, high=32)
+    neighbours: int | None = option(None, "masking neighbours per client (SecAgg+, even); "
+                                    "automatic: every other client", low=2, high=2**20)
+    threshold: int | None = option(None, "surviving neighbours a client's masks need; "
+                                   "automatic: a majority of its neighbours", low=1,
+                                   high=2**20)
+    dropout: float = option(0.0, "probability that a client drops out after the key "
+                            "exchange", low=0.0, high=1.0, high_open=True)
+    mechanism: str = option("none", "distributed DP: each client adds a discrete noise "
+                            "share (ddg: distributed discrete Gaussian, skellam)",
+                            choices=lambda: _names("secure")())
+    full_masking: bool = option(False, "generate and remove every pairwise and self mask "
+                                "(the same sum, at the masks' cost)")
+    k_stddevs: float = option(4.0, "standard deviations of the aggregate the ring holds",
+                              low=0.0, low_open=True, high=1e3)
+    beta: float | None = option(None, "conditional rounding's beta; automatic: exp(-1/2)",
+                                low=0.0, high=1.0, high_open=True)
+
+
+@dataclasses.dataclass(frozen=True)
 class EngineConfig(_Section):
     SECTION = "engine"
     chunk_size: int | None = option(None, "clients vectorised together; automatic: from "
@@ -249,8 +273,8 @@ class OutputConfig(_Section):
 
 
 SECTIONS: dict[str, type] = {c.SECTION: c for c in (
-    DataConfig, ModelConfig, AlgorithmConfig, SamplingConfig, ServerConfig, AttackConfig,
-    EngineConfig, OutputConfig)}
+    DataConfig, ModelConfig, AlgorithmConfig, SamplingConfig, ServerConfig, SecureConfig,
+    AttackConfig, EngineConfig, OutputConfig)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,6 +290,7 @@ class ExperimentConfig:
     algorithm: AlgorithmConfig = AlgorithmConfig()
     sampling: SamplingConfig = SamplingConfig()
     server: ServerConfig = ServerConfig()
+    secure: SecureConfig = SecureConfig()
     attack: AttackConfig = AttackConfig()
     engine: EngineConfig = EngineConfig()
     output: OutputConfig = OutputConfig()
@@ -398,5 +423,5 @@ def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = N
 
 __all__ = ["AlgorithmConfig", "AttackConfig", "DataConfig", "EngineConfig",
            "ExperimentConfig", "FIELDS", "ModelConfig", "OutputConfig", "SECTIONS",
-           "SamplingConfig", "ServerConfig", "check_config", "load_config", "load_toml",
-           "make_config"]
+           "SamplingConfig", "SecureConfig", "ServerConfig", "check_config", "load_config",
+           "load_toml", "make_config"]

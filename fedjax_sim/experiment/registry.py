@@ -1,6 +1,7 @@
 """Families of builders: name -> builder plus the metadata other code needs.
 
-Each family (data sources, models, samplers, algorithms, aggregators, attacks) is a
+Each family (data sources, models, samplers, algorithms, aggregators, attacks, secure
+aggregation's distributed-DP mechanisms) is a
 :class:`Registry` defined in its own module of :mod:`fedjax_sim.experiment`; adding a
 member is writing its builder and one :class:`Entry`. An entry declares
 
@@ -32,6 +33,7 @@ FAMILIES = {
     "algorithms": "fedjax_sim.experiment.algorithms",
     "aggregators": "fedjax_sim.experiment.server",
     "attacks": "fedjax_sim.experiment.attacks",
+    "secure": "fedjax_sim.experiment.secure",
 }
 
 
@@ -115,7 +117,8 @@ def family(name: str) -> Registry:
     return getattr(importlib.import_module(FAMILIES[name]), "REGISTRY")
 
 
-CHECK_ORDER = ("data", "models", "samplers", "algorithms", "aggregators", "attacks")
+CHECK_ORDER = ("data", "models", "samplers", "algorithms", "aggregators", "attacks",
+               "secure")
 """The order in which the families' rules run (the first error is the one reported)."""
 
 

@@ -33,6 +33,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from fedjax_sim._host import format_bytes
 from fedjax_sim._trees import all_finite
 from fedjax_sim.evaluation import evaluate_clients, make_central_evaluator
 from fedjax_sim.experiment.outputs import METRICS, dumps
@@ -95,7 +96,10 @@ class TrainingReporter(Reporter):
         for name, value in metrics.items():
             if name in _ENGINE:
                 continue
-            if name in _ROUND_INTS or np.issubdtype(np.asarray(value).dtype, np.integer):
+            kind = np.asarray(value).dtype
+            if kind == np.bool_:
+                row[name] = bool(value)
+            elif name in _ROUND_INTS or np.issubdtype(kind, np.integer):
                 row[name] = int(value)
             else:
                 row[name] = None if empty else float(value)
@@ -210,13 +214,23 @@ class PrivacyReporter(Reporter):
                                      else self.plan.noise_multiplier),
                 "accountant": cfg.server.accountant if self.ledger else None}
 
+    def _record(self, aborted: bool, survivors: int | None) -> None:
+        """One round: an aborted protocol released nothing; distributed DP is accounted
+        with the noise shares that reached the sum (the survivors')."""
+        if self.ledger is None or aborted:
+            return
+        if getattr(self.ledger, "accounts_survivors", False):
+            self.ledger.record_round(survivors=survivors)
+        else:
+            self.ledger.record_round()
+
     def resume(self, run, rows):
-        if self.ledger is not None and rows:
-            self.ledger.record_round(len(rows))
+        for row in rows:
+            self._record(bool(row.get("aborted", False)), row.get("secagg_survivors"))
 
     def round(self, run, r, state, metrics, row):
-        if self.ledger is not None:
-            self.ledger.record_round()
+        survivors = metrics.get("secagg_survivors")
+        self._record(bool(metrics["aborted"]), None if survivors is None else int(survivors))
         row.update(self._fields(run))
 
     def finish(self, run, state, summary):
@@ -250,6 +264,61 @@ class ClipReporter(Reporter):
             row.update({"clip_norm": float(diag.clip_norm),
                         "clipped_fraction": float(diag.clipped_fraction),
                         "mean_update_norm": float(diag.mean_update_norm)})
+
+
+class CommsReporter(Reporter):
+    """The communication ledger (:mod:`fedjax_sim.comms`): bytes up and down in every
+    round and in total, from what the clients send (exact integers)."""
+
+    UPLOADED_LESS = "secagg_dropped"  # clients that never delivered their upload
+
+    def __init__(self, run):
+        self.cost = run.experiment.round.comms
+        self.up = self.down = 0
+
+    def resume(self, run, rows):
+        if rows:
+            self.up, self.down = int(rows[-1]["bytes_up_total"]), int(
+                rows[-1]["bytes_down_total"])
+
+    def round(self, run, r, state, metrics, row):
+        sampled = int(metrics["num_clients"])
+        uploaded = sampled - int(metrics.get(self.UPLOADED_LESS, 0))
+        up, down = self.cost.round_bytes(sampled, uploaded)
+        self.up += up
+        self.down += down
+        row.update({"bytes_up": up, "bytes_down": down, "bytes_up_total": self.up,
+                    "bytes_down_total": self.down})
+
+    def finish(self, run, state, summary):
+        summary["communication"] = dict(self.cost.describe(), bytes_up_total=self.up,
+                                        bytes_down_total=self.down)
+
+
+class ServerViewReporter(Reporter):
+    """What the server could know, in the summary: every upload, or behind secure
+    aggregation only the survivors' sum; the metrics it could not have computed then
+    are listed as simulator ground truth (the clients' losses, the encodings' wrapped
+    coordinates and rounding error, honest-versus-malicious diagnostics, clipping)."""
+
+    SERVER_KNOWS = frozenset({"num_clients", "num_aggregated", "aborted", "overflow",
+                              "update_norm", "secagg_survivors", "secagg_dropped"})
+
+    def __init__(self, run):
+        self.hides = run.experiment.round.hides_clients
+        self.names: set[str] = set()
+
+    def round(self, run, r, state, metrics, row):
+        self.names.update(metrics)
+        self.names.update(k for k in ("clip_norm", "clipped_fraction", "mean_update_norm")
+                          if k in row)
+
+    def finish(self, run, state, summary):
+        summary["server_view"] = {
+            "sees": ("the sum of the survivors' uploads" if self.hides
+                     else "every client's upload"),
+            "simulator_ground_truth": sorted(self.names - self.SERVER_KNOWS)
+            if self.hides else []}
 
 
 class JsonLinesReporter(Reporter):
@@ -352,7 +421,9 @@ class ProgressReporter(Reporter):
         loss = row.get("train_loss")
         self.bar.set_postfix(loss="-" if loss is None else f"{loss:.3f}",
                              acc=f"{self.accuracy:.3f}", eps=eps,
-                             upd_s=f"{row['client_updates_per_s']:.0f}")
+                             upd_s=f"{row['client_updates_per_s']:.0f}",
+                             sent=format_bytes(row["bytes_up_total"]
+                                               + row["bytes_down_total"]))
         self.bar.update(1)
 
     def close(self):
@@ -370,6 +441,7 @@ class CallbackReporter(Reporter):
 
 
 __all__ = ["AttackReporter", "CallbackReporter", "CheckpointReporter", "ClipReporter",
+           "CommsReporter", "ServerViewReporter",
            "EvaluationReporter", "HealthReporter", "JsonLinesReporter", "PrivacyReporter",
            "ProgressReporter", "Reporter", "TrainingDiverged", "TrainingReporter",
            "backdoor_reporter_extra"]

@@ -6,8 +6,8 @@ time (compile time is reported apart from steady-state time), then steps it and 
 each round to the reporters (:mod:`fedjax_sim.experiment.reporters`): training metrics,
 evaluation (with the backdoor's success for backdoor attacks), the attack, the privacy
 ledger (``epsilon`` after every round; JSON ``null``, infinite, without DP noise), clip
-diagnostics, JSON lines, the health check, checkpoints, the progress bar and the
-caller's callback. Nothing here runs inside the round.
+diagnostics, the communication ledger (bytes up and down), JSON lines, the health check,
+checkpoints, the progress bar and the caller's callback. Nothing here runs inside the round.
 
 With an output folder, a run
 
@@ -43,10 +43,11 @@ from fedjax_sim.experiment.outputs import (CHECKPOINTS, METRICS, SUMMARY, dumps,
                                            prepare_output, truncate_rows)
 from fedjax_sim.experiment.provenance import provenance
 from fedjax_sim.experiment.reporters import (AttackReporter, CallbackReporter,
-                                             CheckpointReporter, ClipReporter,
+                                             CheckpointReporter, ClipReporter, CommsReporter,
                                              EvaluationReporter, HealthReporter,
                                              JsonLinesReporter, PrivacyReporter,
-                                             ProgressReporter, Reporter, TrainingDiverged,
+                                             ProgressReporter, Reporter,
+                                             ServerViewReporter, TrainingDiverged,
                                              TrainingReporter, backdoor_reporter_extra)
 
 
@@ -71,8 +72,8 @@ def default_reporters(run: Run, *, output_dir: str | None, progress: bool,
                                  EvaluationReporter(run, backdoor_reporter_extra(run))]
     if cfg.attack.kind != "none":
         reporters.append(AttackReporter())
-    reporters += [PrivacyReporter(run), ClipReporter(),
-                  JsonLinesReporter(output_dir, append=append)]
+    reporters += [PrivacyReporter(run), ClipReporter(), CommsReporter(run),
+                  ServerViewReporter(run), JsonLinesReporter(output_dir, append=append)]
     if on_round is not None:
         reporters.append(CallbackReporter(on_round))
     reporters.append(HealthReporter())

@@ -45,13 +45,16 @@ import jax
 from fedjax_sim._validation import fail
 from fedjax_sim.experiment.registry import Entry, Registry
 from fedjax_sim.experiment.sampling import expected_cohort
+from fedjax_sim.experiment.secure import secure_settings, secure_stage
 from fedjax_sim.privacy import (calibrate_dp_ftrl_noise_multiplier,
                                 calibrate_noise_multiplier, dp_ftrl_participation,
                                 poisson_overflow_probability)
+from fedjax_sim.privacy.distributed import calibrate_distributed
 from fedjax_sim.sampling import Sampler
 from fedjax_sim.server import (Chain, Stage, adaptive_clip, bulyan, centered_clipping, chain,
                                clip_per_client, coordinate_median, dp_fedavg_aggregator,
-                               dp_ftrl_aggregator, geometric_median, krum, multi_krum,
+                               dp_ftrl_aggregator, dp_mean_normalize, gaussian_noise,
+                               geometric_median, krum, multi_krum,
                                stochastic_quantize, top_k_sparsify, trimmed_mean,
                                weighted_mean, zero_above_norm)
 
@@ -77,10 +80,14 @@ class AggregatorMeta:
     Attributes:
       mechanism: ``"gaussian"`` or ``"tree"`` for the DP aggregators, else None.
       min_cohort: ``cfg -> the smallest cohort the reducer's guarantee needs``.
+      secure: for a sum, ``(cfg, context, secure_sum stage) -> chain``: the aggregator
+        behind secure aggregation (:mod:`fedjax_sim.experiment.secure`); None for a
+        reducer that is not a sum.
     """
 
     mechanism: str | None = None
     min_cohort: Callable[[Any], int] | None = None
+    secure: Callable[[Any, Any, Stage], Chain] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +266,7 @@ class ChainContext:
     plan: PrivacyPlan
     noise_key: jax.Array
     clip_key: jax.Array
+    upload_dim: int | None = None
 
 
 def _f(cfg: Any) -> int:
@@ -278,6 +286,26 @@ def _dp_ftrl(cfg: Any, ctx: ChainContext) -> Chain:
     return dp_ftrl_aggregator(cfg.server.clip_norm, ctx.plan.noise_multiplier,
                               cfg.sampling.cohort_size, ctx.plan.ftrl_max_rounds,
                               key=ctx.noise_key, efficient=cfg.server.ftrl_efficient)
+
+
+def _secure_mean(cfg: Any, ctx: ChainContext, secure: Stage) -> Chain:
+    return chain(secure)  # the secure sum divides by its survivors itself
+
+
+def _secure_dp_fedavg(cfg: Any, ctx: ChainContext, secure: Stage) -> Chain:
+    if secure.mechanism is not None:  # distributed DP: the clients added the noise
+        return chain(secure, dp_mean_normalize(expected_cohort(cfg)))
+    # Central noise on the decoded sum, scaled to the bound the sum has after rounding.
+    return chain(secure, gaussian_noise(ctx.plan.noise_multiplier, secure.bound,
+                                        key=ctx.noise_key),
+                 dp_mean_normalize(expected_cohort(cfg)))
+
+
+def _secure_dp_ftrl(cfg: Any, ctx: ChainContext, secure: Stage) -> Chain:
+    plain = dp_ftrl_aggregator(secure.bound, ctx.plan.noise_multiplier,
+                               cfg.sampling.cohort_size, ctx.plan.ftrl_max_rounds,
+                               key=ctx.noise_key, efficient=cfg.server.ftrl_efficient)
+    return chain(secure, *plain.post)  # the tree noise and the division, after the sum
 
 
 def _multi_krum(cfg: Any, ctx: ChainContext) -> Stage:
@@ -312,13 +340,15 @@ def _robust(name: str, build, help: str, uses=(), min_cohort=lambda cfg: 1) -> E
 
 REGISTRY.add(Entry("mean", lambda cfg, ctx: weighted_mean(), "FedAvg's weighted mean",
                    uses=_CLIPPING, check=_robust_check,
-                   meta=AggregatorMeta(min_cohort=lambda cfg: 1)))
+                   meta=AggregatorMeta(min_cohort=lambda cfg: 1, secure=_secure_mean)))
 REGISTRY.add(Entry("dp_fedavg", _dp_fedavg, "DP-FedAvg: clip, sum, Gaussian noise, / "
                    "expected cohort", uses=_CLIPPING | _NOISE,
-                   check=_dp_check(_check_dp_fedavg), meta=AggregatorMeta("gaussian")))
+                   check=_dp_check(_check_dp_fedavg),
+                   meta=AggregatorMeta("gaussian", secure=_secure_dp_fedavg)))
 REGISTRY.add(Entry("dp_ftrl", _dp_ftrl, "DP-FTRL: clip, sum, tree-aggregation noise",
                    uses=_CLIPPING | _NOISE | {"ftrl_restart_rounds", "ftrl_efficient"},
-                   check=_dp_check(_check_dp_ftrl), meta=AggregatorMeta("tree")))
+                   check=_dp_check(_check_dp_ftrl),
+                   meta=AggregatorMeta("tree", secure=_secure_dp_ftrl)))
 _robust("median", lambda cfg, ctx: coordinate_median(), "coordinate-wise median")
 _robust("trimmed_mean", lambda cfg, ctx: trimmed_mean(
     0.1 if cfg.server.trim_fraction is None else cfg.server.trim_fraction),
@@ -367,21 +397,36 @@ def privacy_plan(cfg: Any) -> PrivacyPlan:
                        notes=tuple(notes))
 
 
-def calibrated(cfg: Any, plan: PrivacyPlan, sampler: Sampler) -> PrivacyPlan:
+def calibrated(cfg: Any, plan: PrivacyPlan, sampler: Sampler,
+               upload_dim: int | None = None) -> PrivacyPlan:
     """The plan with ``z`` calibrated from ``target_epsilon`` (when set), and the Poisson
-    overflow checked against the budget."""
+    overflow checked against the budget. Distributed DP calibrates with the scale its
+    encoding uses for each z (which needs ``upload_dim``) and the expected survivors."""
     s = cfg.server
     if plan.dp and cfg.sampling.kind == "poisson":
         overflow = cfg.sampling.rounds * poisson_overflow_probability(
             sampler.spec.rate, sampler.num_clients, sampler.capacity)
         if overflow > OVERFLOW_BUDGET * plan.delta * (1 + 1e-6):
             fail("sampling_rate", cfg.sampling.sampling_rate, "a Poisson cohort would "
-                 f"overflow its capacity {sampler.capacity} with probability {overflow:.2g} over the run "
-                 f"(> {OVERFLOW_BUDGET:g}*delta)")
+                 f"overflow its capacity {sampler.capacity} with probability "
+                 f"{overflow:.2g} over the run (> {OVERFLOW_BUDGET:g}*delta)")
     if not (plan.dp and s.target_epsilon is not None):
         return plan
     rounds = cfg.sampling.rounds
-    if _mechanism(cfg) == "tree":
+    if cfg.secure.mechanism != "none":
+        def scale_for(z: float) -> float:
+            return secure_settings(cfg, dim=_upload_dim(upload_dim),
+                                   capacity=sampler.capacity, noise_multiplier=z).scale
+
+        settings = secure_settings(cfg, dim=_upload_dim(upload_dim),
+                                   capacity=sampler.capacity, noise_multiplier=1.0)
+        z = calibrate_distributed(
+            s.target_epsilon, plan.delta, rounds, cfg.secure.mechanism,
+            clip_norm=s.clip_norm, bits=settings.bits, dim=settings.padded,
+            expected_clients=settings.expected_clients, sampling=sampler.spec,
+            beta=settings.beta, k_stddevs=settings.k_stddevs, scale=scale_for,
+            dropout=settings.dropout)
+    elif _mechanism(cfg) == "tree":
         per_pass = sampler.spec.rounds_per_pass
         z = calibrate_dp_ftrl_noise_multiplier(
             s.target_epsilon, plan.delta, rounds, max_rounds=plan.ftrl_max_rounds,
@@ -400,9 +445,17 @@ def calibrated(cfg: Any, plan: PrivacyPlan, sampler: Sampler) -> PrivacyPlan:
                                notes=plan.notes + (note,))
 
 
-def build_chain(cfg: Any, *, sampler: Sampler, plan: PrivacyPlan, key: jax.Array) -> Chain:
+def _upload_dim(upload_dim: int | None) -> int:
+    if upload_dim is None:
+        fail("upload_dim", None, "secure aggregation needs the upload's size")
+    return upload_dim
+
+
+def build_chain(cfg: Any, *, sampler: Sampler, plan: PrivacyPlan, key: jax.Array,
+                upload_dim: int | None = None) -> Chain:
     """The server chain of ``cfg`` (module docstring). ``key`` seeds its noise and
-    randomised compression (:func:`server_key` of the run's key)."""
+    randomised compression (:func:`server_key` of the run's key); ``upload_dim`` is the
+    number of coordinates a client uploads (needed by secure aggregation)."""
     s = cfg.server
     noise_key, compress_key, clip_key = jax.random.split(key, 3)
     pre: list[Stage | Chain] = []
@@ -413,6 +466,12 @@ def build_chain(cfg: Any, *, sampler: Sampler, plan: PrivacyPlan, key: jax.Array
     if s.norm_bound is not None:
         pre.append(zero_above_norm(s.norm_bound))
     entry = REGISTRY[s.aggregator]
+    if cfg.secure.enabled:  # the secure sum clips, encodes and sums on its own
+        stage = secure_stage(cfg, dim=_upload_dim(upload_dim), capacity=sampler.capacity,
+                             noise_multiplier=plan.noise_multiplier,
+                             key=jax.random.fold_in(noise_key, 2))
+        return entry.meta.secure(cfg, ChainContext(sampler, plan, noise_key, clip_key,
+                                                   upload_dim), stage)
     if entry.meta.mechanism is None and s.clip_norm is not None:
         if s.adaptive_clipping:  # Non-private: no noise on the count.
             pre.append(adaptive_clip(
