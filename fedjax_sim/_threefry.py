@@ -65,3 +65,18 @@ def stream_bits(key: jax.Array, stream: int | jax.Array, n: int) -> jax.Array:
     out, _ = threefry2x32(words[0], words[1], counter,
                           jnp.broadcast_to(jnp.asarray(stream, jnp.uint32), (n,)))
     return out
+
+
+def uniform_floats(key: jax.Array, n: int) -> jax.Array:
+    """``n`` float32 uniforms on ``[0, 1)`` in steps of ``2^-24`` (finer than
+    ``jax.random.uniform``'s ``2^-23``), from both output words of each Threefry-2x32
+    call on the counters ``(i, 0)``: half the hashing of ``jax.random.uniform``. Keys of
+    other PRNG implementations fall back to ``jax.random.uniform``."""
+    words = key_words(key)
+    if words is None:
+        return jax.random.uniform(key, (n,), jnp.float32)
+    counter = jnp.arange((n + 1) // 2, dtype=jnp.uint32)
+    a, b = threefry2x32(words[0], words[1], counter, jnp.zeros_like(counter))
+    bits = jnp.concatenate([a, b])[:n]
+    return (bits >> np.uint32(8)).astype(jnp.float32) * np.float32(2.0**-24)
+

@@ -118,3 +118,22 @@ def test_bench_checkpoint_runs_agree_and_its_ratio_is_its_times():
     assert r["accuracy_identical"]  # checkpoints never change the run
     assert _close(r["checkpointed_vs_plain_time"], r["checkpointed_loop_s"] / r["plain_loop_s"])
     assert r["save_s"] > 0 and r["restore_s"] > 0 and r["checkpoint_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_bench_secagg_modes_print_consistent_figures():
+    rows = _run("bench_secagg.py", "dropout", "--bits", "32", "--rounds", "5", "--rates",
+                "0", "0.5")
+    assert [r["dropout"] for r in rows] == [0.0, 0.5]
+    assert rows[1]["epsilon"] > rows[0]["epsilon"]  # dropped shares: less noise
+    assert _close(rows[1]["ratio"], rows[1]["epsilon"] / rows[1]["epsilon0_over_sqrt"])
+    dme = _run("bench_secagg.py", "dme", "--clients", "20", "--dim", "30", "--epsilons", "4",
+               "--bits", "4", "16", "--trials", "2")
+    assert dme[0]["secure_mse"] is None and "cannot hold 20" in dme[0]["why"]
+    assert _close(dme[1]["mse_ratio"], dme[1]["secure_mse"] / dme[1]["central_mse"])
+    assert _close(dme[1]["central_mse"], 30 * (dme[1]["central_z"] * 10.0) ** 2 / 20 ** 2)
+    (cost,) = _run("bench_secagg.py", "cost", "--models", "softmax", "--cohort", "20",
+                   "--num-clients", "100", "--neighbours", "4", "--repeats", "1",
+                   "--rounds", "1")
+    for name, seconds in cost["round_seconds"].items():
+        assert _close(cost["ratio_to_plain"][name], seconds / cost["round_seconds"]["plain"])

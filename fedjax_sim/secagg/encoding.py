@@ -31,6 +31,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from fedjax_sim._threefry import uniform_floats
 from fedjax_sim._trees import l2_norm
 from fedjax_sim._validation import check_float, check_int, fail
 from fedjax_sim.secagg.ring import centre, check_bits, wrap
@@ -130,9 +131,11 @@ def clip_l2(x: jax.Array, clip_norm: float) -> jax.Array:
 
 
 def stochastic_round(x: jax.Array, key: jax.Array) -> jax.Array:
-    """Unbiased rounding to integers (float32): up with probability ``x - floor(x)``."""
+    """Unbiased rounding to integers (float32): up with probability ``x - floor(x)``
+    (to within the uniforms' ``2^-24`` steps, :func:`fedjax_sim._threefry.uniform_floats`)."""
     low = jnp.floor(x)
-    up = jax.random.uniform(key, x.shape, x.dtype) < (x - low)
+    uniform = uniform_floats(key, x.size).reshape(x.shape)
+    up = uniform < (x - low).astype(jnp.float32)
     return low + up.astype(x.dtype)
 
 

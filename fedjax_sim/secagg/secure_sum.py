@@ -70,6 +70,7 @@ PyTree = Any
 NOISES = ("none", "ddg", "skellam")
 _INT32_SAFE = 2.0**31 - 128
 _CLIP_SAFETY = 1.0 - 2.0**-20
+_CACHE_FLOATS = 2**17  # floats of rotated updates encoded at once (512 KB)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,8 +343,11 @@ def secure_sum(cfg: SecureAggregation, *, key: jax.Array) -> Stage:
         if ids is None:
             fail("client_ids", None, "the secure sum keys every client by its id")
         client_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(k.clients, ids)
-        ring, rounding, integers = jax.vmap(encode_one, in_axes=(0, 0, None))(
-            _flat(chunk.updates), client_keys, k.rotation)
+        # A few clients at a time, so that their rotations stay in a core's cache (the
+        # transform is memory-bound: 16 clients of 2^15 floats took 1.8x as long).
+        ring, rounding, integers = jax.lax.map(
+            lambda a: encode_one(a[0], a[1], k.rotation), (_flat(chunk.updates), client_keys),
+            batch_size=max(1, _CACHE_FLOATS // p))
         if cfg.full_masking:
             pos = position(roster, ids)
             ring = jax.vmap(lambda u, i: masking.mask_upload(

