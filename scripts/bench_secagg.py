@@ -60,6 +60,29 @@ def _sphere(key, n: int, d: int, radius: float) -> jax.Array:
     return x / jnp.linalg.norm(x, axis=1, keepdims=True) * radius
 
 
+def _dme_errors(cfg, n: int, d: int, c: float, trials: int, *, key) -> list[float]:
+    """Squared errors of the secure mean of ``trials`` fresh cohorts on the sphere."""
+    chain = fs.server.chain(fs.secagg.secure_sum(cfg, key=key))
+    state = chain.init({"x": jnp.zeros((d,), jnp.float32)})
+    ids = jnp.arange(n, dtype=jnp.int32)
+
+    @jax.jit
+    def trial(key, state):
+        x = _sphere(key, n, d, c)
+        cohort = fs.server.CohortUpdates({"x": x}, jnp.ones((n,), jnp.float32),
+                                         jnp.ones((n,), bool), ids)
+        roster = chain.setup(ids, cohort.mask, state)
+        agg, state, _ = chain.reduce(cohort, state, roster)
+        err = agg["x"] / n - jnp.mean(x, axis=0)
+        return jnp.sum(err * err), state
+
+    errs = []
+    for t in range(trials):
+        e, state = trial(jax.random.key(1000 + t), state)
+        errs.append(float(e))
+    return errs
+
+
 def dme(args) -> None:
     d, c, mech = args.dim, args.norm, args.mechanism
     p = 1 << (d - 1).bit_length()
@@ -93,24 +116,7 @@ def dme(args) -> None:
                     print(json.dumps({**row, "secure_mse": None, "mse_ratio": None,
                                       "why": str(e)}))
                     continue
-                chain = fs.server.chain(fs.secagg.secure_sum(cfg, key=jax.random.key(bits)))
-                state = chain.init({"x": jnp.zeros((d,), jnp.float32)})
-                ids = jnp.arange(n, dtype=jnp.int32)
-
-                @jax.jit
-                def trial(key, state):
-                    x = _sphere(key, n, d, c)
-                    cohort = fs.server.CohortUpdates({"x": x}, jnp.ones((n,), jnp.float32),
-                                                     jnp.ones((n,), bool), ids)
-                    roster = chain.setup(ids, cohort.mask, state)
-                    agg, state, _ = chain.reduce(cohort, state, roster)
-                    err = agg["x"] / n - jnp.mean(x, axis=0)
-                    return jnp.sum(err * err), state
-
-                errs = []
-                for t in range(args.trials):
-                    e, state = trial(jax.random.key(1000 + t), state)
-                    errs.append(float(e))
+                errs = _dme_errors(cfg, n, d, c, args.trials, key=jax.random.key(bits))
                 mse = float(np.mean(errs))
                 print(json.dumps({**row, "z": z, "scale": cfg.scale,
                                   "local_std": cfg.local_std, "secure_mse": mse,

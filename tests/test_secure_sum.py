@@ -45,13 +45,18 @@ def _step(fr, state=None, key=1):
     return state, *fr.step(state, DATA, jax.random.key(key))
 
 
+@functools.lru_cache(maxsize=None)
+def _secure_round():
+    """One compiled secure round (24-bit ring, complete graph) with its server view."""
+    return _round(secure_sum(_settings(), key=jax.random.key(3)), server_view=True)
+
+
 def test_secure_mean_is_the_clipped_unweighted_mean_up_to_rounding():
     """Same clients, same keys: the secure mean differs from the plain clipped mean only
     by the rounding, whose error the stage reports (and which 24 bits make tiny)."""
     plain = _round(S.chain(S.clip_per_client(0.5), S.unweighted_mean()))
-    secure = _round(secure_sum(_settings(), key=jax.random.key(3)))
     state, new_plain, _ = _step(plain)
-    _, new_secure, out = _step(secure)
+    _, new_secure, out = _step(_secure_round())
     diff = np.sqrt(sum(np.sum((np.asarray(a) - np.asarray(b)) ** 2) for a, b in zip(
         jax.tree.leaves(new_plain.params), jax.tree.leaves(new_secure.params))))
     # The mean's error is the sum's rounding error over the survivors (server_lr 1).
@@ -62,7 +67,7 @@ def test_secure_mean_is_the_clipped_unweighted_mean_up_to_rounding():
 
 
 def test_full_masking_gives_the_same_sum_as_the_shortcut_bit_for_bit():
-    for kw in (dict(), dict(neighbours=4, threshold=2, dropout=0.3)):
+    for kw in (dict(neighbours=4, threshold=2, dropout=0.3),):  # a graph, and dropouts
         short = _round(secure_sum(_settings(**kw), key=jax.random.key(3)))
         full = _round(secure_sum(_settings(full_masking=True, **kw), key=jax.random.key(3)))
         _, a, out_a = _step(short)
@@ -129,7 +134,7 @@ def test_the_abort_rule_matches_a_plain_loop():
 
 
 def test_the_server_view_hides_uploads_behind_secure_aggregation():
-    secure = _round(secure_sum(_settings(), key=jax.random.key(3)), server_view=True)
+    secure = _secure_round()
     plain = _round(S.weighted_mean(), server_view=True)
     assert secure.hides_clients and secure.streaming
     assert not plain.hides_clients and not plain.streaming  # it keeps every upload
