@@ -27,4 +27,7 @@ def test_secure_aggregation_notebook_runs(monkeypatch):
     # 5. The distributed-DP run states its guarantee.
     assert re.search(r"client-level \([0-9.]+, [0-9.e-]+\)-DP for all 3 released models "
                      r"\(distributed_discrete_gaussian", text), text
+    assert re.search(r"the server saw: the sum of the survivors' uploads; simulator ground "
+                     r"truth: .*train_loss", text), text
+    assert "every round's bytes_up = sampled x protocol up + survivors x payload: True" in text
     assert images >= 4  # server view, accuracy/rounding vs bits, epsilon vs dropout, bytes
