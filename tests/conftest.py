@@ -135,3 +135,25 @@ def pytest_unconfigure(config):
         shutil.rmtree(path, ignore_errors=True)
         for name in ("jax_compilation_cache_dir", *_CACHE_SETTINGS):
             os.environ.pop(name.upper(), None)
+
+
+def run_privacy_cli(argv, capsys):
+    """``fedjax-sim privacy ARGV`` in process: ``(exit status, stdout, stderr)``."""
+    from fedjax_sim.experiment import privacy_cli
+    from fedjax_sim.experiment.flags import ArgumentParser
+
+    parser = ArgumentParser(prog="fedjax-sim")
+    privacy_cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["privacy", *argv])
+    rc = args.func(args)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc, out, err, field):
+    """Exit status 2, nothing on stdout, one ``error: FIELD=`` line on stderr."""
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"fedjax-sim privacy: error: {field}=")
+

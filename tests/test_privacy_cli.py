@@ -9,6 +9,8 @@ from fedjax_sim.experiment.cli import main
 from fedjax_sim.experiment.flags import ArgumentParser
 from fedjax_sim.privacy import (PrivacyConfig, SamplingSpec, dp_ftrl_epsilon, epsilon_for)
 
+from conftest import assert_one_line_error
+
 
 def _parser():
     parser = ArgumentParser(prog="fedjax-sim")
@@ -90,11 +92,7 @@ def test_dp_ftrl_mechanism(capsys):
     (["--mechanism", "dp_ftrl_tree", "--noise-multiplier", "1", *BASE], "--sampling"),
 ])
 def test_config_errors_exit_2_with_one_line(argv, field, capsys):
-    rc, out, err = _run(argv, capsys)
-    assert rc == 2 and out == ""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1
-    assert lines[0].startswith(f"fedjax-sim privacy: error: {field}=")
+    assert_one_line_error(*_run(argv, capsys), field)
 
 
 def test_noise_and_target_are_exclusive(capsys):

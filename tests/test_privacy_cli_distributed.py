@@ -5,19 +5,13 @@ import json
 
 import pytest
 
-from fedjax_sim.experiment import privacy_cli as cli
-from fedjax_sim.experiment.flags import ArgumentParser
 from fedjax_sim.privacy import SamplingSpec
 from fedjax_sim.privacy.distributed import DEFAULT_BETA, DistributedNoise
 
+from conftest import assert_one_line_error, run_privacy_cli
 
-def _run(argv, capsys):
-    parser = ArgumentParser(prog="fedjax-sim")
-    cli.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["privacy", *argv])
-    rc = args.func(args)
-    out, err = capsys.readouterr()
-    return rc, out, err
+
+_run = run_privacy_cli
 
 
 SAMPLING = ["--sampling", "poisson", "--rate", "0.01", "--population", "10000"]
@@ -93,8 +87,4 @@ def test_target_epsilon_calibrates_the_noise(capsys):
     (["--noise-multiplier", "1", *SAMPLING, *RUN, "--dim", "16"], "--dim"),
 ])
 def test_config_errors_exit_2_with_one_line(argv, field, capsys):
-    rc, out, err = _run(argv, capsys)
-    assert rc == 2 and out == ""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1
-    assert lines[0].startswith(f"fedjax-sim privacy: error: {field}=")
+    assert_one_line_error(*_run(argv, capsys), field)

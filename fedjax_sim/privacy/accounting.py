@@ -47,7 +47,8 @@ from dp_accounting.pld import privacy_loss_distribution as _pld_lib
 from dp_accounting.rdp import rdp_privacy_accountant as _rdp_lib
 
 from fedjax_sim._validation import check_choice, check_float, check_int, fail
-from fedjax_sim.privacy.calibration import calibrate, check_delta, check_noise_multiplier
+from fedjax_sim.privacy.calibration import (calibrate, check_delta, check_noise_multiplier,
+                                            resolve_delta)
 from fedjax_sim.privacy.schedule import SamplingSpec
 
 ACCOUNTANTS = ("rdp", "pld")
@@ -233,11 +234,7 @@ class Accountant:
 
     def epsilon(self, delta: float | None = None) -> float:
         """Epsilon of everything recorded so far at ``delta`` (default: ``config.delta``)."""
-        if delta is None:
-            delta = self._config.delta
-            if delta is None:
-                fail("delta", delta, "pass a delta in (0, 1) or set PrivacyConfig.delta")
-        delta = check_delta("delta", delta)
+        delta = resolve_delta(delta, self._config.delta)
         if self._rounds == 0:
             return 0.0
         key = (self._rounds, delta)

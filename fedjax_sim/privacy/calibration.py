@@ -21,6 +21,16 @@ def check_delta(field: str, delta: Any) -> float:
                        max_exclusive=True)
 
 
+def resolve_delta(delta: Any, default: float | None) -> float:
+    """The delta an epsilon query uses: ``delta``, else the ledger's ``default``; checked
+    (a one-line error when neither is given)."""
+    if delta is None:
+        delta = default
+        if delta is None:
+            fail("delta", None, "pass a delta in (0, 1) or give the ledger a delta")
+    return check_delta("delta", delta)
+
+
 def check_noise_multiplier(field: str, z: Any) -> float:
     """A noise multiplier > 0 (0 would be no privacy, which is not accounted)."""
     return check_float(field, z, min_value=0.0, min_exclusive=True)

@@ -52,7 +52,7 @@ from dp_accounting.rdp import rdp_privacy_accountant as _rdp_lib
 from scipy.special import gammaln
 
 from fedjax_sim._validation import check_choice, check_float, check_int, fail
-from fedjax_sim.privacy.calibration import check_delta, check_noise_multiplier
+from fedjax_sim.privacy.calibration import check_delta, check_noise_multiplier, resolve_delta
 from fedjax_sim.privacy.schedule import SamplingSpec
 from fedjax_sim.secagg.discrete import (MAX_DISCRETE_GAUSSIAN_SIGMA, MAX_SKELLAM_VARIANCE,
                                         inflated_norm_bound)
@@ -377,11 +377,7 @@ class DistributedAccountant:
 
     def epsilon(self, delta: float | None = None) -> float:
         """Epsilon of everything recorded so far at ``delta`` (default: the ledger's)."""
-        if delta is None:
-            delta = self._delta
-            if delta is None:
-                fail("delta", delta, "pass a delta in (0, 1) or give the ledger a delta")
-        delta = check_delta("delta", delta)
+        delta = resolve_delta(delta, self._delta)
         if self.rounds == 0:
             return 0.0
         orders, rdp = self.rdp()

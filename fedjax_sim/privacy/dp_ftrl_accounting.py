@@ -16,7 +16,8 @@ from typing import Any
 import dp_accounting
 
 from fedjax_sim._validation import check_choice, check_float, check_int, fail
-from fedjax_sim.privacy.calibration import calibrate, check_delta, check_noise_multiplier
+from fedjax_sim.privacy.calibration import (calibrate, check_delta, check_noise_multiplier,
+                                            resolve_delta)
 
 DP_FTRL_PARTICIPATION = ("once", "once_per_tree")
 
@@ -233,11 +234,7 @@ class DPFTRLAccountant:
 
     def epsilon(self, delta: float | None = None) -> float:
         """Epsilon of the rounds recorded so far at ``delta`` (default: the ledger's)."""
-        if delta is None:
-            delta = self._delta
-            if delta is None:
-                fail("delta", delta, "pass a delta in (0, 1) or set the ledger's delta")
-        delta = check_delta("delta", delta)
+        delta = resolve_delta(delta, self._delta)
         if self._rounds == 0:
             return 0.0
         key = (self._rounds, delta)
