@@ -32,7 +32,6 @@ from fedjax_sim._validation import fail
 from fedjax_sim.experiment import registry
 from fedjax_sim.experiment.registry import Entry, Registry
 from fedjax_sim.experiment.sampling import expected_cohort
-from fedjax_sim.secagg.ring import check_bits
 from fedjax_sim.secagg.secure_sum import SecureAggregation, secure_sum
 from fedjax_sim.server.base import Stage
 
@@ -78,25 +77,15 @@ def _check_enabled(cfg: Any) -> None:
     if cfg.algorithm.weighting == "examples":
         fail("weighting", "examples", "secure aggregation sums unit-weight updates (every "
              "survivor counts 1); use weighting='uniform' or leave it automatic")
+    # The ring, graph and threshold rules are SecureAggregation's own (the cohort: the
+    # expected one under Poisson sampling, before the sampler sizes its capacity).
     m = expected_cohort(cfg)
     cohort = cfg.sampling.cohort_size if cfg.sampling.kind != "poisson" else m
-    b = check_bits(sec.bits)
-    if 2 ** (b - 1) - 1 <= math.ceil(cohort):
-        fail("bits", b, f"is too few for a cohort of {cohort:g}: stochastic rounding alone "
-             f"can move a coordinate of the sum by up to the cohort size, the ring's "
-             f"half-range is {2 ** (b - 1)}")
-    if cohort < 2:
-        fail("cohort_size", cohort, "secure aggregation needs at least 2 clients a round")
-    k = sec.neighbours
-    if k is not None:
-        if k % 2:
-            fail("neighbours", k, "must be even (a random Harary graph: k/2 on each side)")
-        if k >= m:
-            fail("neighbours", k, f"must be below the expected cohort {m:g} (leave it unset "
-                 "for the complete graph)")
-    degree = k if k is not None else max(1, round(m) - 1)
-    if sec.threshold is not None and sec.threshold > degree:
-        fail("threshold", sec.threshold, f"exceeds the {degree} neighbours a client has")
+    settings = SecureAggregation(bits=sec.bits, clip_norm=s.clip_norm, dim=1,
+                                 capacity=math.ceil(cohort), expected_clients=m,
+                                 neighbours=sec.neighbours, threshold=sec.threshold,
+                                 dropout=sec.dropout, k_stddevs=sec.k_stddevs)
+    settings.scale  # noqa: B018 (the scale refuses too few bits for the cohort)
 
 
 def _check_distributed(cfg: Any) -> None:

@@ -57,9 +57,8 @@ import jax.numpy as jnp
 from fedjax_sim._validation import check_choice, check_float, check_int, fail
 from fedjax_sim.comms import Wire, packed_bytes
 from fedjax_sim.secagg import masking
-from fedjax_sim.secagg.discrete import (MAX_DISCRETE_GAUSSIAN_SIGMA, MAX_SKELLAM_VARIANCE,
-                                        conditional_stochastic_round, discrete_gaussian,
-                                        inflated_norm_bound, skellam)
+from fedjax_sim.secagg.discrete import (conditional_stochastic_round, discrete_gaussian,
+                                        skellam)
 from fedjax_sim.secagg.encoding import (clip_l2, choose_scale, count_wrapped, decode,
                                         padded_size, rotate, stochastic_round, RingEncoding)
 from fedjax_sim.secagg.ring import check_bits, ring_mask, wrap
@@ -148,14 +147,8 @@ class SecureAggregation:
             if t > self.degree:
                 fail("threshold", t, f"exceeds the {self.degree} neighbours a client has")
         del cap
-        if self.noise == "skellam" and self.local_std ** 2 > MAX_SKELLAM_VARIANCE:
-            fail("bits", self.bits, f"gives each client a Skellam share of variance "
-                 f"{self.local_std ** 2:.3g}, above the {MAX_SKELLAM_VARIANCE:.3g} the "
-                 "sampler draws exactly; use fewer bits")
-        if self.noise == "ddg" and self.local_std > MAX_DISCRETE_GAUSSIAN_SIGMA:
-            fail("bits", self.bits, f"gives each client a discrete Gaussian share of std "
-                 f"{self.local_std:.3g}, above {MAX_DISCRETE_GAUSSIAN_SIGMA:.3g}; use fewer "
-                 "bits")
+        if self.mechanism is not None:
+            self.mechanism.check_samplable()  # the int32 samplers draw the shares exactly
 
     @property
     def degree(self) -> int:
@@ -188,19 +181,29 @@ class SecureAggregation:
                             expected_clients=self.expected_clients, sum_norm=self.sum_norm)
 
     @property
+    def mechanism(self):
+        """The :class:`~fedjax_sim.privacy.distributed.DistributedNoise` the clients'
+        shares make (the ledger's mechanism), or None without noise."""
+        if self.noise == "none":
+            return None
+        from fedjax_sim.privacy.distributed import DistributedNoise
+        return DistributedNoise(kind=self.noise, noise_multiplier=self.noise_multiplier,
+                                clip_norm=self.clip_norm, bits=self.bits, dim=self.padded,
+                                expected_clients=self.expected_clients, scale=self.scale,
+                                beta=self.beta)
+
+    @property
     def local_std(self) -> float:
-        """Each client's noise share, in ring units: ``gamma z c / sqrt(m)``."""
-        return (self.scale * self.noise_multiplier * self.clip_norm
-                / math.sqrt(self.expected_clients))
+        """Each client's noise share, in ring units: ``gamma z c / sqrt(m)`` (0 without)."""
+        return 0.0 if self.mechanism is None else self.mechanism.local_std
 
     @property
     def norm_bound(self) -> float:
         """The L2 bound of one rounded update in ring units: conditional rounding's
         inflated bound with noise, the worst case ``gamma c + sqrt(p)`` without."""
-        scaled = self.scale * self.clip_norm
-        if self.noise == "none":
-            return scaled + math.sqrt(self.padded)
-        return inflated_norm_bound(scaled, self.padded, self.beta)
+        if self.mechanism is None:
+            return self.scale * self.clip_norm + math.sqrt(self.padded)
+        return self.mechanism.l2_sensitivity
 
 
 class SecAggDiagnostics(NamedTuple):
@@ -295,7 +298,7 @@ def secure_sum(cfg: SecureAggregation, *, key: jax.Array) -> Stage:
     gamma, p, bits = cfg.scale, cfg.padded, cfg.bits
     enc = RingEncoding(bits, cfg.clip_norm, gamma, cfg.dim)
     bound_int = cfg.norm_bound
-    local_std = cfg.local_std if cfg.noise != "none" else 0.0
+    local_std = cfg.local_std
 
     def init(upload):
         d = sum(x.size for x in jax.tree.leaves(upload))
@@ -396,16 +399,10 @@ def secure_sum(cfg: SecureAggregation, *, key: jax.Array) -> Stage:
         return {"secagg_survivors": last.survivors, "secagg_dropped": last.dropped,
                 "secagg_wrapped": last.wrapped, "secagg_rounding_error": last.rounding_error}
 
-    mechanism = None
-    if cfg.noise != "none":
-        from fedjax_sim.privacy.distributed import DistributedNoise
-        mechanism = DistributedNoise(
-            kind=cfg.noise, noise_multiplier=cfg.noise_multiplier, clip_norm=cfg.clip_norm,
-            bits=bits, dim=p, expected_clients=cfg.expected_clients, scale=gamma,
-            beta=cfg.beta)
     return Stage("secure_sum", StageKind.REDUCE, init=init, partial=partial,
                  finalize=finalize, setup=setup, hides_clients=True, unit_sum=True,
-                 bound=bound_int / gamma, mechanism=mechanism, wire=wire, metrics=metrics)
+                 bound=bound_int / gamma, mechanism=cfg.mechanism, wire=wire,
+                 metrics=metrics)
 
 
 __all__ = ["NOISES", "Roster", "SecAggDiagnostics", "SecureAggregation", "SecureSumState",
