@@ -2,8 +2,9 @@
 
 ``map_cohort`` is the only place where clients are batched. It
 
-1. vmaps the one-client function over chunks of ``chunk_size`` clients with
-   ``jax.lax.map(..., batch_size=chunk_size)``, so peak memory for activations, gathered
+1. vmaps the one-client function over equal chunks of at most ``chunk_size`` clients
+   (:mod:`fedjax_sim._chunks`: the last chunks padded with inert clients, so the client
+   program is traced and compiled once), so peak memory for activations, gathered
    client data and optimiser state is bounded by the chunk, not by the cohort;
 2. gathers (or procedurally generates) each client's data *inside* the chunk, so the
    cohort's data is never materialised at once;
@@ -26,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from fedjax_sim._chunks import chunk_layout, from_chunks, pad_rows, to_chunks
+from fedjax_sim._host import device_memory_bytes
 from fedjax_sim._validation import check_int, fail
 from fedjax_sim.data.federated import Population
 from fedjax_sim.server.base import CohortUpdates, zero_masked
@@ -79,19 +82,50 @@ def mesh_size(mesh: Mesh | None) -> int:
     return 1 if mesh is None else int(mesh.shape[CLIENTS_AXIS])
 
 
-def default_chunk_size(num_params: int, cohort: int) -> int:
-    """A chunk size that keeps the chunk's per-client model copies cache-sized.
+ACCELERATOR_MEMORY_FRACTION = 0.25
+"""On a GPU or TPU, a chunk's clients may take at most this fraction of device memory."""
 
-    Every vectorised client carries its own params, gradients and optimiser state, so a
-    chunk touches ``chunk * num_params`` floats several times per local step. Measured on
-    a 2-core EPYC (BENCHMARKS.md), throughput peaks when ``chunk * num_params`` is about
-    5 * 10^5 floats, a few times the 1 MiB L2 cache of a core: softmax regression (610
-    params) gets 256, the cap; a 54k-param MLP gets 8, whose FedAvg round at cohort 1,000
-    took 500 ms against 638 ms with chunks of 16 on one device, and 229 against 304 ms on
+BYTES_PER_PARAM_PER_CLIENT = 64
+"""A training client's bytes per model parameter, for the accelerator chunk bound: its
+params, gradient, optimiser state and upload in float32 (16 bytes), with room for
+activations, the gathered batch and XLA's temporaries."""
+
+
+def default_chunk_size(num_params: int, cohort: int, *, backend: str | None = None,
+                       device_memory: int | None = None) -> int:
+    """The clients vectorised together by default, for the backend the round runs on.
+
+    **CPU**: chunks whose per-client model copies stay cache-sized. Every vectorised
+    client carries its own params, gradients and optimiser state, so a chunk touches
+    ``chunk * num_params`` floats several times per local step. Measured on a 2-core
+    EPYC (BENCHMARKS.md), throughput peaks when ``chunk * num_params`` is about 5 * 10^5
+    floats, a few times the 1 MiB L2 cache of a core: softmax regression (610 params)
+    gets 256, the cap; a 54k-param MLP gets 8, whose FedAvg round at cohort 1,000 took
+    500 ms against 638 ms with chunks of 16 on one device, and 229 against 304 ms on
     two. Larger chunks spill out of cache, smaller ones pay per-chunk overhead. Models of
     more than 5 * 10^5 params get chunks of 1: a 420k-param CNN on 28x28 images trained
     39.6 ms per client with chunks of 1 against 49.2 ms with chunks of 4.
+
+    **GPU and TPU**: an accelerator is fastest with the most clients at once, so the
+    chunk is bounded by device memory instead: as many clients as fit in
+    :data:`ACCELERATOR_MEMORY_FRACTION` of it at :data:`BYTES_PER_PARAM_PER_CLIENT`
+    bytes a parameter (the whole cohort when it fits), a power of two below that.
+
+    Args:
+      num_params: the model's parameter count.
+      cohort: clients per round (per device when the cohort is sharded).
+      backend: ``"cpu"``, ``"gpu"``, ``"tpu"``...; default: JAX's default backend.
+      device_memory: bytes of one device (accelerators); default: what the device
+        reports (:func:`fedjax_sim._host.device_memory_bytes`).
     """
+    backend = jax.default_backend() if backend is None else backend
+    cohort = max(1, int(cohort))
+    if backend != "cpu":
+        memory = device_memory_bytes() if device_memory is None else device_memory
+        if memory:
+            per_client = BYTES_PER_PARAM_PER_CLIENT * max(num_params, 1)
+            fit = max(1, int(memory * ACCELERATOR_MEMORY_FRACTION // per_client))
+            return cohort if fit >= cohort else 1 << (fit.bit_length() - 1)
     target = max(1, int(5e5 // max(num_params, 1)))
     chunk = 1 << (target.bit_length() - 1)
     return max(1, min(cohort, 256, chunk))
@@ -144,9 +178,14 @@ def _map_local(client_fn, chunk_size, message, population, ids, keys, states):
         cid, key, state = args
         return client_fn(message, _one_client_data(population, cid), key, state)
 
-    if chunk_size >= ids.shape[0]:
-        return jax.vmap(lambda *a: one(a))(ids, keys, states)
-    return jax.lax.map(one, (ids, keys, states), batch_size=chunk_size)
+    # Padding clients (id -1, no examples) fill the last chunks; their outputs are dropped.
+    n = ids.shape[0]
+    chunks, size = chunk_layout(n, chunk_size)
+    if chunks == 1:
+        return jax.vmap(one)((ids, keys, states))
+    padded = (pad_rows(ids, chunks * size, -1), pad_rows((keys, states), chunks * size))
+    out = jax.lax.map(jax.vmap(one), to_chunks((padded[0], *padded[1]), chunks))
+    return from_chunks(out, n)
 
 
 def map_reduce_cohort(client_fn: Callable[..., ClientOutput],
@@ -197,28 +236,27 @@ def _map_reduce_local(client_fn, partial_fn, chunk_size, axis_name, message, pop
         out = jax.vmap(one)(cid, key, state)
         return partial_fn(cohort_updates(out, m, cid)), out._replace(upload=())
 
+    # Equal chunks, the client program traced once: padding clients (id -1, mask False,
+    # no examples) fill the last chunks, contribute zero and their outputs are dropped.
     n = ids.shape[0]
-    chunk = min(chunk_size, n)
-    full = n // chunk
-    head = jax.tree.map(lambda a: a[:full * chunk].reshape((full, chunk) + a.shape[1:]),
-                        (ids, keys, mask, states))
+    chunks, size = chunk_layout(n, chunk_size)
+    rows = chunks * size
+    xs = to_chunks((pad_rows(ids, rows, -1), pad_rows(keys, rows), pad_rows(mask, rows, False),
+                    pad_rows(states, rows)), chunks)
+    if chunks == 1:
+        total, small = chunk_contribution(*jax.tree.map(lambda a: a[0], xs))
+        smalls = jax.tree.map(lambda a: a[None], small)
+    else:
+        def body(acc, chunk):
+            contrib, small = chunk_contribution(*chunk)
+            return jax.tree.map(jnp.add, acc, contrib), small
 
-    def body(acc, xs):
-        contrib, small = chunk_contribution(*xs)
-        return jax.tree.map(jnp.add, acc, contrib), small
-
-    first, first_small = chunk_contribution(*jax.tree.map(lambda a: a[0], head))
-    total, smalls = jax.lax.scan(body, first, jax.tree.map(lambda a: a[1:], head))
-    smalls = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]).reshape(
-        (full * chunk,) + a.shape[1:]), first_small, smalls)
-    if full * chunk < n:
-        rest = jax.tree.map(lambda a: a[full * chunk:], (ids, keys, mask, states))
-        contrib, small = chunk_contribution(*rest)
-        total = jax.tree.map(jnp.add, total, contrib)
-        smalls = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), smalls, small)
+        shapes = jax.eval_shape(chunk_contribution, *jax.tree.map(lambda a: a[0], xs))[0]
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        total, smalls = jax.lax.scan(body, zeros, xs)
     if axis_name is not None:
         total = jax.lax.psum(total, axis_name)
-    return total, smalls
+    return total, from_chunks(smalls, n)
 
 
 def pad_cohort(ids: jax.Array, mask: jax.Array, multiple: int) -> tuple[jax.Array, jax.Array]:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_sim._chunks import chunked_map
 from fedjax_sim._validation import check_int, fail
 from fedjax_sim.data.federated import ClientData
 from fedjax_sim.models import Model
@@ -81,7 +82,7 @@ def per_client_metrics(model: Model, params: PyTree, data: ClientData, *,
         safe = jnp.maximum(n, 1.0)
         return {"loss": loss / safe, "accuracy": correct / safe, "num_examples": n}
 
-    return jax.lax.map(one, (data.x, data.y, data.mask), batch_size=chunk_size)
+    return chunked_map(one, (data.x, data.y, data.mask), chunk_size)
 
 
 def summarize_clients(metrics: dict[str, jax.Array]) -> dict[str, float]:

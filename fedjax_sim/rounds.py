@@ -254,7 +254,7 @@ def make_round(algorithm: Algorithm, sampler: Sampler, *, chunk_size: int | None
     params_shape = jax.eval_shape(server.init_params, jax.random.key(0))
     if chunk_size is None:
         num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(params_shape))
-        chunk_size = default_chunk_size(num_params, sampler.capacity)
+        chunk_size = default_chunk_size(num_params, capacity // devices)
     check_int("chunk_size", chunk_size, min_value=1)
     if client.init_state is not None:
         check_client_state_fits(jax.eval_shape(client.init_state, params_shape),

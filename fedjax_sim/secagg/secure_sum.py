@@ -54,6 +54,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedjax_sim._chunks import chunked_map
 from fedjax_sim._validation import check_choice, check_float, check_int, fail
 from fedjax_sim.comms import Wire, packed_bytes
 from fedjax_sim.secagg import masking
@@ -348,9 +349,9 @@ def secure_sum(cfg: SecureAggregation, *, key: jax.Array) -> Stage:
         client_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(k.clients, ids)
         # A few clients at a time, so that their rotations stay in a core's cache (the
         # transform is memory-bound: 16 clients of 2^15 floats took 1.8x as long).
-        ring, rounding, integers = jax.lax.map(
+        ring, rounding, integers = chunked_map(
             lambda a: encode_one(a[0], a[1], k.rotation), (_flat(chunk.updates), client_keys),
-            batch_size=max(1, _CACHE_FLOATS // p))
+            max(1, _CACHE_FLOATS // p))
         if cfg.full_masking:
             pos = position(roster, ids)
             ring = jax.vmap(lambda u, i: masking.mask_upload(
