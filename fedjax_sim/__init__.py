@@ -13,6 +13,7 @@ from fedjax_sim._validation import ConfigError
 from fedjax_sim.algorithms import (ALGORITHM_NAMES, Algorithm, ClientProgram, ClientResult,
                                    RoundInfo, ServerProgram, make_algorithm)
 from fedjax_sim.client_update import ClientConfig, epoch_order, make_local_update
+from fedjax_sim.compile_cache import use_compile_cache
 from fedjax_sim.cohort import client_mesh, map_cohort, map_reduce_cohort, mesh_for
 from fedjax_sim.data.federated import ClientData, FederatedData
 from fedjax_sim.evaluation import evaluate_clients, make_central_evaluator
@@ -51,6 +52,6 @@ __all__ = [
     "ServerProgram", "ServerState", "ServerView", "client_mesh", "epoch_order", "evaluate_clients",
     "make_algorithm", "make_central_evaluator", "make_local_update", "make_model",
     "make_round", "map_cohort", "map_reduce_cohort", "mesh_for", "usable_cores",
-    "use_every_cpu_core", "algorithms", "data",
+    "use_compile_cache", "use_every_cpu_core", "algorithms", "data",
     "poisoning", "privacy", "server", *_EXPERIMENT, *_LAZY_MODULES,
 ]

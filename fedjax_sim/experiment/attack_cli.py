@@ -24,7 +24,7 @@ import sys
 from typing import Any
 
 from fedjax_sim._validation import ConfigError
-from fedjax_sim.experiment.flags import add_field_flags
+from fedjax_sim.experiment.flags import add_compile_cache_flag, add_field_flags
 from fedjax_sim.experiment.schema import option, section_fields
 
 HEADLINE = ("attack", "psnr", "ssim", "mse", "label_accuracy", "exact_fraction",
@@ -123,6 +123,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         add_field_flags(leaf, _specs(kind) + [FIELDS["seed"]])
         leaf.add_argument("--output", default=None,
                           help="directory for metrics.json and the PNG")
+        add_compile_cache_flag(leaf)
         leaf.set_defaults(func=run)
     p.set_defaults(func=run)
     return p

@@ -20,7 +20,8 @@ from typing import Sequence
 from fedjax_sim._validation import ConfigError
 from fedjax_sim.experiment import attack_cli, privacy_cli
 from fedjax_sim.experiment.config import FIELDS, SECTIONS, load_config
-from fedjax_sim.experiment.flags import ArgumentParser, add_field_flags, given
+from fedjax_sim.experiment.flags import (ArgumentParser, add_compile_cache_flag, add_field_flags,
+                                         given)
 
 
 def _add_run_parser(subparsers) -> None:
@@ -31,6 +32,7 @@ def _add_run_parser(subparsers) -> None:
                     "label mix per client), 1,000 per round, 60 rounds.")
     p.add_argument("--config", help="TOML file: tables are sections ([data], [server], ...)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_compile_cache_flag(p)
     for section in ("", *SECTIONS):
         specs = [s for s in FIELDS.values() if s.section == section and s.key != "resume"]
         group = p.add_argument_group(f"[{section}]" if section else "run",
@@ -100,8 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedjax-sim`` console script; returns the exit status.
 
     Invoked as a program (``argv=None``), it first splits the CPU into one device per
-    core (:func:`fedjax_sim._host.use_every_cpu_core`); called in-process with ``argv`` it
-    leaves JAX as the caller configured it.
+    core (:func:`fedjax_sim._host.use_every_cpu_core`) and turns on the persistent
+    compilation cache unless ``--no-compile-cache`` or ``FEDJAX_SIM_COMPILE_CACHE=0``
+    says otherwise (:mod:`fedjax_sim.compile_cache`); called in-process with ``argv`` it
+    leaves JAX as the caller configured it (``--no-compile-cache`` still turns the cache
+    off).
     """
     if argv is None:
         from fedjax_sim._host import use_every_cpu_core
@@ -111,6 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    off = getattr(args, "no_compile_cache", False)
+    if argv is None or off:
+        from fedjax_sim.compile_cache import use_compile_cache
+        use_compile_cache(not off)
     folded = _FoldedWarnings()
     try:
         with folded:

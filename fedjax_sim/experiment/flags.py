@@ -50,4 +50,15 @@ def given(args: argparse.Namespace, specs: Iterable[FieldSpec]) -> dict[str, Any
             if getattr(args, s.key, None) is not None}
 
 
-__all__ = ["ArgumentParser", "add_field_flags", "given"]
+
+
+def add_compile_cache_flag(parser: Any) -> None:
+    """``--no-compile-cache``: compile without JAX's persistent cache
+    (:mod:`fedjax_sim.compile_cache`; also ``FEDJAX_SIM_COMPILE_CACHE=0``)."""
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="compile without the persistent compilation cache "
+                             "(default: on, in ~/.cache/fedjax_sim/xla; "
+                             "FEDJAX_SIM_COMPILE_CACHE=0 also turns it off)")
+
+
+__all__ = ["ArgumentParser", "add_compile_cache_flag", "add_field_flags", "given"]
