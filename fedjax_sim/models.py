@@ -106,11 +106,17 @@ class Model:
       module: the flax module; ``module.apply({"params": p}, x)`` returns logits.
       example_shape: shape of one input example.
       num_classes: number of classes.
+      compute_dtype: ``"float32"``, or ``"bfloat16"`` for mixed precision: the forward
+        pass (and so the backward pass) runs on bfloat16 copies of the params and
+        inputs, the logits come back as float32, and the loss, the gradients (the
+        cast's transpose returns them in the params' dtype), the optimiser, every
+        client's delta and the server state stay float32.
     """
 
     module: nn.Module
     example_shape: tuple[int, ...]
     num_classes: int
+    compute_dtype: str = "float32"
 
     def init(self, key: jax.Array) -> PyTree:
         """Fresh parameters for one example of ``example_shape``."""
@@ -118,8 +124,14 @@ class Model:
         return self.module.init(key, dummy)["params"]
 
     def apply(self, params: PyTree, x: jax.Array) -> jax.Array:
-        """Logits ``[..., num_classes]`` for a batch ``[..., *example_shape]``."""
-        return self.module.apply({"params": params}, x)
+        """Float32 logits ``[..., num_classes]`` for a batch ``[..., *example_shape]``,
+        computed in :attr:`compute_dtype`."""
+        if self.compute_dtype == "float32":
+            return self.module.apply({"params": params}, x)
+        low = COMPUTE_DTYPES[self.compute_dtype]
+        params = jax.tree.map(lambda a: a.astype(low) if jnp.issubdtype(
+            a.dtype, jnp.floating) else a, params)
+        return self.module.apply({"params": params}, x.astype(low)).astype(jnp.float32)
 
     def per_example_loss(self, params: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
         """Softmax cross-entropy of each example, shape ``y.shape``."""
@@ -136,10 +148,12 @@ class Model:
 
 
 MODEL_NAMES = ("softmax", "mlp", "cnn")
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+"""Forward/backward precisions of :class:`Model` (``compute_dtype``)."""
 
 
 def make_model(name: str, example_shape: Sequence[int], num_classes: int, *,
-               hidden: Sequence[int] = (200, 200)) -> Model:
+               hidden: Sequence[int] = (200, 200), compute_dtype: str = "float32") -> Model:
     """Builds a named model: ``softmax``, ``mlp`` or ``cnn`` (images ``[H, W, C]``).
 
     Args:
@@ -147,11 +161,13 @@ def make_model(name: str, example_shape: Sequence[int], num_classes: int, *,
       example_shape: shape of one input example.
       num_classes: number of output classes (>= 2).
       hidden: hidden layer widths of the MLP.
+      compute_dtype: ``"float32"`` or ``"bfloat16"`` (mixed precision; see :class:`Model`).
 
     Returns:
       The model.
     """
     check_choice("model", name, MODEL_NAMES)
+    check_choice("compute_dtype", compute_dtype, tuple(COMPUTE_DTYPES))
     check_int("num_classes", num_classes, min_value=2)
     example_shape = tuple(int(d) for d in example_shape)
     if not example_shape or any(d < 1 for d in example_shape):
@@ -168,4 +184,4 @@ def make_model(name: str, example_shape: Sequence[int], num_classes: int, *,
         if ndim != 3:
             fail("example_shape", example_shape, "cnn needs images of shape [H, W, C]")
         module = CNN(num_classes)
-    return Model(module, example_shape, num_classes)
+    return Model(module, example_shape, num_classes, compute_dtype)

@@ -90,6 +90,10 @@ class ModelConfig(_Section):
     SECTION = "model"
     name: str = option("softmax", "the model", choices=_names("models"), flag="model")
     hidden: tuple[int, ...] = option((200, 200), "hidden widths of the MLP")
+    compute_dtype: str = option("float32", "precision of the clients' forward and backward "
+                                "passes; bfloat16 = mixed precision (float32 params, "
+                                "gradients, deltas and server state)",
+                                choices=("float32", "bfloat16"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,8 @@ _BYTES_PER_COHORT_CLIENT = 32
 
 def _builder(name: str):
     def build(model_cfg: Any, example_shape: tuple[int, ...], num_classes: int) -> Model:
-        return make_model(name, example_shape, num_classes, hidden=model_cfg.hidden)
+        return make_model(name, example_shape, num_classes, hidden=model_cfg.hidden,
+                          compute_dtype=model_cfg.compute_dtype)
 
     return build
 
