@@ -251,3 +251,18 @@ def test_bad_inputs_are_one_line_errors(build, field):
         build()
     msg = str(e.value)
     assert msg.startswith(f"{field}=") and "\n" not in msg
+
+
+def test_rdp_orders_are_dp_accountings_and_importing_needs_no_dp_accounting():
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    from fedjax_sim.privacy.distributed import RDP_ORDERS
+
+    assert RDP_ORDERS == tuple(float(a) for a in rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
+    import subprocess
+    import sys
+    code = ("import sys, fedjax_sim, fedjax_sim.privacy; "
+            "print('dp_accounting' in sys.modules, 'scipy.stats' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.split() == ["False", "False"], out.stderr[-1000:]

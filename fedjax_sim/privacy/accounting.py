@@ -41,12 +41,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import dp_accounting
 import numpy as np
-from dp_accounting.pld import privacy_loss_distribution as _pld_lib
-from dp_accounting.rdp import rdp_privacy_accountant as _rdp_lib
 
 from fedjax_sim._validation import check_choice, check_float, check_int, fail
+from fedjax_sim.privacy._lazy import dp_accounting
+from fedjax_sim.privacy._lazy import pld_lib as _pld_lib
+from fedjax_sim.privacy._lazy import rdp_lib as _rdp_lib
 from fedjax_sim.privacy.calibration import (calibrate, check_delta, check_noise_multiplier,
                                             resolve_delta)
 from fedjax_sim.privacy.schedule import SamplingSpec

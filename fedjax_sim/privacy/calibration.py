@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import dp_accounting
-
 from fedjax_sim._validation import check_float, fail
+from fedjax_sim.privacy._lazy import dp_accounting
 
 
 def check_delta(field: str, delta: Any) -> float:

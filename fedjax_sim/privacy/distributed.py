@@ -48,10 +48,10 @@ import math
 from typing import Any, Callable
 
 import numpy as np
-from dp_accounting.rdp import rdp_privacy_accountant as _rdp_lib
-from scipy.special import gammaln
 
 from fedjax_sim._validation import check_choice, check_float, check_int, fail
+from fedjax_sim.privacy._lazy import rdp_lib as _rdp_lib
+from fedjax_sim.privacy._lazy import scipy_special
 from fedjax_sim.privacy.calibration import check_delta, check_noise_multiplier, resolve_delta
 from fedjax_sim.privacy.schedule import SamplingSpec
 from fedjax_sim.secagg.discrete import (MAX_DISCRETE_GAUSSIAN_SIGMA, MAX_SKELLAM_VARIANCE,
@@ -59,7 +59,11 @@ from fedjax_sim.secagg.discrete import (MAX_DISCRETE_GAUSSIAN_SIGMA, MAX_SKELLAM
 from fedjax_sim.secagg.encoding import choose_scale
 from fedjax_sim.secagg.ring import check_bits
 
-RDP_ORDERS = tuple(float(a) for a in _rdp_lib.DEFAULT_RDP_ORDERS)
+RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(11, 64)]
+                   + [128.0, 256.0, 512.0, 1024.0])
+"""The Renyi orders of every distributed-DP ledger: dp-accounting's
+``DEFAULT_RDP_ORDERS`` (restated so that importing this module does not import
+dp-accounting; a test checks they agree)."""
 KINDS = ("ddg", "skellam")
 MECHANISM = {"ddg": "distributed_discrete_gaussian", "skellam": "skellam"}
 DEFAULT_BETA = math.exp(-0.5)  # TFF's distributed-DP default
@@ -115,6 +119,7 @@ def _logsumexp(x: np.ndarray) -> float:
 
 
 def _log_binom(n: float, k: np.ndarray) -> np.ndarray:
+    gammaln = scipy_special.gammaln
     return gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1)
 
 

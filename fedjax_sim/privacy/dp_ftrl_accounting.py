@@ -13,9 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import dp_accounting
-
 from fedjax_sim._validation import check_choice, check_float, check_int, fail
+from fedjax_sim.privacy._lazy import dp_accounting
 from fedjax_sim.privacy.calibration import (calibrate, check_delta, check_noise_multiplier,
                                             resolve_delta)
 
