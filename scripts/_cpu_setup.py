@@ -1,4 +1,7 @@
-"""CPU set-up shared by the benchmark scripts; must run before JAX starts its backends.
+"""Set-up shared by the scripts: CPU cores and devices, the compile cache, the device record.
+
+CPU pinning and devices (:func:`configure_cpu`) must run before JAX starts its backends;
+the persistent compilation cache (:func:`compile_cache`) before the first compilation.
 
 ``--cores N`` pins the process to its first N allowed CPU cores (Linux), so that the
 engine and the centralised baseline run on the same cores: XLA:CPU sizes its thread pool
@@ -10,10 +13,19 @@ are pinned. ``--devices`` (any value) asks for one XLA host device per allowed c
 Importing ``fedjax_sim`` imports JAX but does not start its backends (they start on the
 first device query or computation), so both settings still take effect here;
 ``tests/test_benchmark_scripts.py`` checks that.
+
+Every script that compiles JAX programs accepts ``--no-compile-cache``
+(:func:`add_compile_cache_flag`) and calls :func:`compile_cache` before its first
+compilation: JAX's persistent cache is on by default (``fedjax_sim.use_compile_cache``:
+``~/.cache/fedjax_sim/xla``, or ``$FEDJAX_SIM_COMPILE_CACHE``; ``=0`` turns it off), so
+compile times in a benchmark's JSON are cold compiles only when its ``compile_cache`` field
+is null or the cache was empty. :func:`device_record` gives the backend and device fields
+that the benchmark records carry, so a record says what it ran on (CPU, GPU or TPU).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -35,3 +47,29 @@ def configure_cpu(argv: list[str]) -> None:
             os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:int(value)])
     if "--devices" in argv:  # after pinning: one device per core left to the process
         fs.use_every_cpu_core()
+
+
+def add_compile_cache_flag(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--no-compile-cache`` (read by :func:`compile_cache`)."""
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="compile without the persistent compilation cache (default: "
+                             "on, in ~/.cache/fedjax_sim/xla; FEDJAX_SIM_COMPILE_CACHE=0 "
+                             "also turns it off)")
+
+
+def compile_cache(argv: list[str]) -> str | None:
+    """Turns the persistent compilation cache on, or off under ``--no-compile-cache`` in
+    ``argv`` (or a prefix of it, as argparse accepts); call it before the first
+    compilation. Returns the directory in use (None: off), for the script's JSON."""
+    flag = "--no-compile-cache"
+    off = any(len(a) > len("--no-") and flag.startswith(a) for a in argv)
+    return fs.use_compile_cache(not off)
+
+
+def device_record() -> dict:
+    """``backend``, ``device_kind`` and ``device_count`` of this process (starts JAX's
+    backends: call it after :func:`configure_cpu`)."""
+    import jax  # here, so that importing this module starts nothing
+
+    return {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+            "device_count": jax.device_count()}

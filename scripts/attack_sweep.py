@@ -21,6 +21,12 @@ import os
 import sys
 import time
 
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+if SCRIPTS not in sys.path:  # _cpu_setup, also when a test loads this file by its path
+    sys.path.insert(0, SCRIPTS)
+
+from _cpu_setup import add_compile_cache_flag, compile_cache  # noqa: E402
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,7 +36,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=200, help="Inverting Gradients steps")
     parser.add_argument("--restarts", type=int, default=2)
     parser.add_argument("--small", action="store_true", help="a reduced grid (smoke test)")
+    add_compile_cache_flag(parser)
     args = parser.parse_args(argv)
+    compile_cache(sys.argv[1:] if argv is None else argv)  # before the first compile
 
     import matplotlib
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 
-from _cpu_setup import configure_cpu
+from _cpu_setup import add_compile_cache_flag, compile_cache, configure_cpu, device_record
 
 configure_cpu(sys.argv)  # before JAX starts: --cores N pins, --devices splits the CPU
 
@@ -80,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="a flat config key of the experiment (repeatable)")
     p.add_argument("--cores", default="0", help="(read by _cpu_setup) pin to N cores")
     p.add_argument("--devices", action="store_true", help="(read by _cpu_setup)")
+    add_compile_cache_flag(p)
     args = p.parse_args(argv)
+    # For the process: both versions' programs (the base's under its own name) use it.
+    cache = compile_cache(sys.argv[1:] if argv is None else argv)
     overrides = dict(item.split("=", 1) for item in args.set)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="fedjax_ab_"))
     commit = export_base(args.base, tmp)
@@ -106,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         "head_over_base": med["head"] / med["base"],
         "accuracy_equal": [a["test_accuracy"] == b["test_accuracy"]
                            for a, b in zip(runs["base"], runs["head"])],
-        "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()], **device_record(),
+        "compile_cache": cache,
         "jax": jax.__version__, "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d")}, indent=1))

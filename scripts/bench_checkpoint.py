@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-from _cpu_setup import configure_cpu
+from _cpu_setup import add_compile_cache_flag, compile_cache, configure_cpu, device_record
 
 configure_cpu(sys.argv)  # before JAX starts: --cores N pins, --devices splits the CPU
 
@@ -88,7 +88,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cores", type=int, default=None)
     parser.add_argument("--devices", type=int, default=None)
+    add_compile_cache_flag(parser)
     args = parser.parse_args()
+    cache = compile_cache(sys.argv[1:])  # after configure_cpu, before the first compile
     overrides = _overrides(args.set)
     rounds = fs.make_config(overrides).sampling.rounds
     runs: dict[str, list[dict]] = {"plain": [], "checkpointed": []}
@@ -108,7 +110,7 @@ def main() -> None:
         "checkpointed_vs_plain_time": median["checkpointed"] / median["plain"],
         "accuracy_identical": len(accuracies) == 1, "test_accuracy": sorted(accuracies),
         **alone, "runs": runs,
-        "devices": len(jax.devices()), "backend": jax.default_backend(),
+        "devices": len(jax.devices()), **device_record(), "compile_cache": cache,
         "jax": jax.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
     }))

@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -36,14 +37,15 @@ import jax.numpy as jnp
 import numpy as np
 
 import fedjax_sim as fs
+from _cpu_setup import add_compile_cache_flag, compile_cache, device_record
 
 S = fs.server
 
 MLP_SHAPES = {"w1": (60, 32), "b1": (32,), "w2": (32, 10), "b2": (10,)}
 
 
-def environment() -> dict:
-    return {"backend": jax.default_backend(), "devices": len(jax.devices()),
+def environment(cache: str | None) -> dict:
+    return {**device_record(), "devices": len(jax.devices()), "compile_cache": cache,
             "cpu_count": os.cpu_count(), "machine": platform.machine(),
             "processor": platform.processor() or platform.machine(),
             "jax_version": jax.__version__, "python": platform.python_version()}
@@ -165,8 +167,9 @@ def main(argv=None) -> None:
     p.add_argument("--skip-round", action="store_true")
     p.add_argument("--skip-reducers", action="store_true")
     p.add_argument("--output", help="also write the records (JSON lines) to this file")
+    add_compile_cache_flag(p)
     args = p.parse_args(argv)
-    env = environment()
+    env = environment(compile_cache(sys.argv[1:] if argv is None else argv))
     records = []
 
     def emit(rec):

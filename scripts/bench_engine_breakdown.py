@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 
-from _cpu_setup import configure_cpu
+from _cpu_setup import add_compile_cache_flag, compile_cache, configure_cpu, device_record
 
 if __name__ == "__main__":  # --cores / --devices act before JAX starts its backends
     configure_cpu(sys.argv)
@@ -91,7 +91,9 @@ def main():
                    help="devices to shard clients over; 0 = all (on CPU, one per core)")
     p.add_argument("--cores", type=int, default=0,
                    help="pin the process to its first N cores before JAX starts; 0 = all")
+    add_compile_cache_flag(p)
     args = p.parse_args()
+    cache = compile_cache(sys.argv[1:])  # before the first compile
     c, n, b = args.cohort, args.examples, args.batch_size
     if n % b:
         p.error(f"--examples={n} must be a multiple of --batch-size={b}")
@@ -158,7 +160,7 @@ def main():
               "bare_vs_central_time": med["bare"] / med["central"],
               "engine_vs_bare_time": med["engine"] / med["bare"],
               "cores": fs.usable_cores(),
-              "jax": jax.__version__, "backend": jax.default_backend(),
+              "jax": jax.__version__, **device_record(), "compile_cache": cache,
               "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(record), flush=True)
 

@@ -40,11 +40,13 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
 
 import fedjax_sim as fs
+from _cpu_setup import add_compile_cache_flag, compile_cache, device_record
 
 P, S = fs.poisoning, fs.server
 
@@ -60,11 +62,11 @@ VARIANTS = {
 }
 
 
-def environment() -> dict:
+def environment(cache: str | None) -> dict:
     import flax
     import numpy as np
     import optax
-    return {"backend": jax.default_backend(), "devices": len(jax.devices()),
+    return {**device_record(), "devices": len(jax.devices()), "compile_cache": cache,
             "cpu_count": os.cpu_count(), "machine": platform.machine(),
             "processor": platform.processor() or platform.machine(),
             "jax_version": jax.__version__, "flax_version": flax.__version__,
@@ -171,8 +173,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--output", help="also write the records (JSON lines) to this file")
+    add_compile_cache_flag(p)
     args = p.parse_args(argv)
-    env = environment()
+    env = environment(compile_cache(sys.argv[1:] if argv is None else argv))
     records = bench(args.population, args.cohort, args.fraction, args.rounds, args.variants)
     env["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     records = [{**rec, **env} for rec in records]

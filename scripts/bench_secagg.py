@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import sys
 
-from _cpu_setup import configure_cpu
+from _cpu_setup import add_compile_cache_flag, compile_cache, configure_cpu, device_record
 
 configure_cpu(sys.argv)  # before JAX starts: --cores N pins, --devices splits the CPU
 
@@ -47,10 +47,11 @@ import numpy as np
 import fedjax_sim as fs
 
 DELTA = 1e-5
+CACHE: dict[str, str | None] = {"dir": None}  # set by main(): the compile cache in use
 
 
 def _env() -> dict:
-    return {"backend": jax.default_backend(), "devices": len(jax.devices()),
+    return {**device_record(), "devices": len(jax.devices()), "compile_cache": CACHE["dir"],
             "jax": jax.__version__, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d")}
 
@@ -291,7 +292,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cores", type=int, default=None)
     parser.add_argument("--devices", type=int, default=None)
+    add_compile_cache_flag(parser)
     args = parser.parse_args()
+    CACHE["dir"] = compile_cache(sys.argv[1:])  # after configure_cpu, before any compile
     defaults = {"dme": ([8, 10, 12, 16, 20], 1), "dropout": ([20, 32], 100),
                 "accuracy": ([12, 14, 16, 20], 30), "cost": ([20], 3),
                 "plot": ([], 1)}[args.mode]

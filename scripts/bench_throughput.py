@@ -29,7 +29,7 @@ import statistics
 import sys
 import time
 
-from _cpu_setup import configure_cpu
+from _cpu_setup import add_compile_cache_flag, compile_cache, configure_cpu, device_record
 
 if __name__ == "__main__":  # --cores / --devices act before JAX starts its backends
     configure_cpu(sys.argv)
@@ -197,11 +197,13 @@ def main():
                         "cores before JAX starts; 0 = every allowed core")
     p.add_argument("--loop-clients", type=int, default=1000,
                    help="clients actually timed in the loop (extrapolated linearly)")
+    add_compile_cache_flag(p)
     args = p.parse_args()
-    env = {"jax": jax.__version__, "backend": jax.default_backend(),
+    cache = compile_cache(sys.argv[1:])  # before the first compile
+    env = {"jax": jax.__version__, **device_record(),
            "device": str(jax.devices()[0].device_kind), "cpu": platform.processor() or
            platform.machine(), "date": time.strftime("%Y-%m-%d"),
-           "cores": fs.usable_cores()}
+           "cores": fs.usable_cores(), "compile_cache": cache}
     try:
         mesh = fs.mesh_for(args.devices)
     except fs.ConfigError as e:

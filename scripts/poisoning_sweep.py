@@ -26,10 +26,17 @@ import datetime
 import json
 import os
 import platform
+import sys
 
 import jax
 
 import fedjax_sim as fs
+
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+if SCRIPTS not in sys.path:  # _cpu_setup, also when a test loads this file by its path
+    sys.path.insert(0, SCRIPTS)
+
+from _cpu_setup import add_compile_cache_flag, compile_cache, device_record  # noqa: E402
 
 DEFENCES = {
     "mean": {},
@@ -70,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--local-epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    add_compile_cache_flag(p)
     args = p.parse_args(argv)
     if any(not 0.0 <= f < 1.0 for f in args.fractions):
         p.error(f"--fractions {args.fractions}: each must be in [0, 1)")
@@ -78,6 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    cache = compile_cache(sys.argv[1:] if argv is None else argv)  # before the first compile
     cohort = args.cohort_size or args.num_clients
     base = {"data": "digits", "partition": "iid", "num_clients": args.num_clients,
             "cohort_size": cohort, "rounds": args.rounds, "client_lr": 0.3,
@@ -101,7 +110,7 @@ def main(argv=None) -> int:
 
     meta = {"base_config": base, "defences": {d: DEFENCES[d] for d in args.defences},
             "fractions": args.fractions, "attacks": args.attacks,
-            "jax_version": jax.__version__, "backend": jax.default_backend(),
+            "jax_version": jax.__version__, **device_record(), "compile_cache": cache,
             "cpu_count": os.cpu_count(), "machine": platform.machine(),
             "python": platform.python_version(), "date": datetime.date.today().isoformat()}
     write_outputs(rows, meta, args.output)

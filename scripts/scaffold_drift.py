@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -42,6 +43,7 @@ import numpy as np
 import optax
 
 import fedjax_sim as fs
+from _cpu_setup import add_compile_cache_flag, compile_cache, device_record
 
 QUICK = {"clients": 200, "cohort": 10, "rounds": 4, "eval_clients": 50, "local_epochs": 2}
 
@@ -64,6 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny run (compile-dominated): " +
                    ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     p.add_argument("--output", help="also write the JSON here")
+    add_compile_cache_flag(p)
     args = p.parse_args(argv)
     if args.quick:
         for k, v in QUICK.items():
@@ -109,6 +112,7 @@ def run(name, alg, args, population, eval_data, model, loss_field):
 
 def main(argv=None):
     args = parse_args(argv)
+    cache = compile_cache(sys.argv[1:] if argv is None else argv)  # before the first compile
     started = time.perf_counter()
     population = fs.data.procedural_label_skew(args.clients, alpha=args.alpha, seed=args.seed)
     model = fs.make_model("softmax", population.example_shape, population.num_classes)
@@ -151,8 +155,8 @@ def main(argv=None):
         "runs": runs,
         "bayes_accuracy_estimate": population.bayes_accuracy(20_000),
         "total_s": time.perf_counter() - started,
-        "hardware": {"backend": jax.default_backend(),
-                     "devices": [str(d) for d in jax.devices()],
+        "hardware": {**device_record(), "devices": [str(d) for d in jax.devices()],
+                     "compile_cache": cache,
                      "cpu": platform.processor() or platform.machine(),
                      "cpu_count": os.cpu_count(),
                      "load_average_1min_at_end": os.getloadavg()[0]},

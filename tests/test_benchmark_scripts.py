@@ -32,6 +32,13 @@ def _close(a, b):
     return a == pytest.approx(b, rel=1e-9)
 
 
+def _check_device_and_cache(r):
+    """The fields every benchmark record carries: the device it ran on and the compile
+    cache (under the suite: its per-run directory, which subprocesses inherit)."""
+    assert r["backend"] == "cpu" and r["device_count"] >= 1 and r["device_kind"]
+    assert r["compile_cache"] == os.environ["JAX_COMPILATION_CACHE_DIR"]
+
+
 @pytest.mark.slow
 def test_bench_throughput_records_agree_with_their_times():
     records = _run("bench_throughput.py", "--cohorts", "8", "--repeats", "1",
@@ -39,6 +46,7 @@ def test_bench_throughput_records_agree_with_their_times():
                    "--workloads", "softmax", "cnn")  # the mlp's path is the softmax's
     assert [(r["workload"], r["cohort"]) for r in records] == [("softmax", 8), ("cnn", 8)]
     for r in records:
+        _check_device_and_cache(r)
         assert r["cores"] == 1
         for field in ("engine_updates_per_s", "loop_updates_per_s",
                       "central_equiv_updates_per_s", "engine_compile_s"):
@@ -54,6 +62,8 @@ def test_engine_breakdown_runs_sharded_and_its_ratios_agree():
     (r,) = _run("bench_engine_breakdown.py", "--cohort", "8", "--repeats", "1",
                 "--devices", "0", devices=2)
     assert r["devices"] == 2 and r["workload"] == "softmax"
+    _check_device_and_cache(r)
+    assert r["device_count"] == 2
     assert 4 % r["bare_chunk"] == 0  # divides the per-device cohort
     for k in ("engine", "bare", "central"):
         assert _close(r[f"{k}_updates_per_s"], 8 / r[f"{k}_round_s"])
@@ -103,10 +113,18 @@ def test_bench_throughput_rejects_more_cores_than_it_may_use():
 
 @pytest.mark.slow
 def test_million_clients_counts_every_update_once():
-    (r,) = _run("million_clients.py", "--clients", "2000", "--cohort", "500")
-    assert (r["clients"], r["rounds"], r["client_updates"]) == (2000, 4, 2000)
+    # By default every usable core is a device and the cohort is sharded over all of them;
+    # 125 clients on an even number of devices leaves padding slots, which count nothing.
+    # Its program is compiled by no other test, so the cache is off at no cost.
+    (r,) = _run("million_clients.py", "--clients", "2000", "--cohort", "125",
+                "--no-compile-cache")
+    assert (r["clients"], r["rounds"], r["client_updates"]) == (2000, 16, 2000)
+    cores = len(os.sched_getaffinity(0))
+    assert r["devices"] == r["device_count"] == r["cores"] == cores
+    assert r["cohort_capacity"] == -(-125 // cores) * cores
     assert _close(r["client_updates_per_s"], r["client_updates"] / r["total_seconds"])
-    assert r["peak_rss_mib"] > 0
+    assert r["peak_rss_mib"] > 0 and r["compile_seconds"] > 0
+    assert r["backend"] == "cpu" and r["compile_cache"] is None
 
 
 @pytest.mark.slow
@@ -115,6 +133,7 @@ def test_bench_checkpoint_runs_agree_and_its_ratio_is_its_times():
                 "--set", "num_clients=200", "--set", "cohort_size=20", "--set", "rounds=5",
                 "--set", "eval_clients=20", "--set", "max_examples=16")
     assert r["rounds"] == 5 and r["saves_per_run"] == 2
+    _check_device_and_cache(r)
     assert r["accuracy_identical"]  # checkpoints never change the run
     assert _close(r["checkpointed_vs_plain_time"], r["checkpointed_loop_s"] / r["plain_loop_s"])
     assert r["save_s"] > 0 and r["restore_s"] > 0 and r["checkpoint_bytes"] > 0
@@ -125,10 +144,13 @@ def test_bench_secagg_modes_print_consistent_figures():
     rows = _run("bench_secagg.py", "dropout", "--bits", "32", "--rounds", "5", "--rates",
                 "0", "0.5")
     assert [r["dropout"] for r in rows] == [0.0, 0.5]
+    for r in rows:
+        _check_device_and_cache(r)
     assert rows[1]["epsilon"] > rows[0]["epsilon"]  # dropped shares: less noise
     assert _close(rows[1]["ratio"], rows[1]["epsilon"] / rows[1]["epsilon0_over_sqrt"])
     dme = _run("bench_secagg.py", "dme", "--clients", "20", "--dim", "30", "--epsilons", "4",
                "--bits", "4", "16", "--trials", "2")
     assert dme[0]["secure_mse"] is None and "cannot hold 20" in dme[0]["why"]
     assert _close(dme[1]["mse_ratio"], dme[1]["secure_mse"] / dme[1]["central_mse"])
+    _check_device_and_cache(dme[1])
     assert _close(dme[1]["central_mse"], 30 * (dme[1]["central_z"] * 10.0) ** 2 / 20 ** 2)
