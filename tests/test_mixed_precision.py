@@ -35,6 +35,7 @@ def test_bfloat16_loss_and_gradient_track_float32(name, shape):
     assert np.linalg.norm(b) == pytest.approx(np.linalg.norm(a), rel=5e-2)
 
 
+@pytest.mark.slow
 def test_bfloat16_fedavg_reaches_float32_accuracy():
     pop = fs.data.procedural_label_skew(300, alpha=0.5, seed=0, max_examples=32)
     test = pop.test_data(jnp.arange(300, dtype=jnp.int32))
