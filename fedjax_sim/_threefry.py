@@ -67,16 +67,26 @@ def stream_bits(key: jax.Array, stream: int | jax.Array, n: int) -> jax.Array:
     return out
 
 
-def uniform_floats(key: jax.Array, n: int) -> jax.Array:
-    """``n`` float32 uniforms on ``[0, 1)`` in steps of ``2^-24`` (finer than
-    ``jax.random.uniform``'s ``2^-23``), from both output words of each Threefry-2x32
-    call on the counters ``(i, 0)``: half the hashing of ``jax.random.uniform``. Keys of
-    other PRNG implementations fall back to ``jax.random.uniform``."""
+def uniform_floats(key: jax.Array, n: int, *, bits: int = 24) -> jax.Array:
+    """``n`` float32 uniforms on ``[0, 1)`` in steps of ``2^-bits``, from both output words
+    of each Threefry-2x32 call on the counters ``(i, 0)``.
+
+    ``bits=24`` (finer than ``jax.random.uniform``'s ``2^-23``) takes one uniform from
+    each word: half the hashing of ``jax.random.uniform``. ``bits=16`` takes two from each
+    word (its high and low halves): a quarter. Keys of other PRNG implementations fall
+    back to ``jax.random.uniform``.
+    """
+    if bits not in (16, 24):
+        raise ValueError(f"uniform_floats: bits={bits} must be 16 or 24")
     words = key_words(key)
     if words is None:
         return jax.random.uniform(key, (n,), jnp.float32)
-    counter = jnp.arange((n + 1) // 2, dtype=jnp.uint32)
+    per_call = 2 if bits == 24 else 4
+    counter = jnp.arange(-(-n // per_call), dtype=jnp.uint32)
     a, b = threefry2x32(words[0], words[1], counter, jnp.zeros_like(counter))
-    bits = jnp.concatenate([a, b])[:n]
-    return (bits >> np.uint32(8)).astype(jnp.float32) * np.float32(2.0**-24)
-
+    if bits == 24:
+        values = jnp.concatenate([a, b]) >> np.uint32(8)
+    else:
+        low = np.uint32(0xFFFF)
+        values = jnp.concatenate([a >> np.uint32(16), a & low, b >> np.uint32(16), b & low])
+    return values[:n].astype(jnp.float32) * np.float32(2.0 ** -bits)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedjax_sim._threefry import uniform_floats
 from fedjax_sim._validation import ConfigError
 from fedjax_sim.secagg import ring_sum
 from fedjax_sim.secagg.encoding import (RingEncoding, choose_scale, clip_l2, count_wrapped,
@@ -46,6 +47,19 @@ def test_stochastic_rounding_is_unbiased_and_integer():
     assert set(np.unique(r)) <= {2.0, 3.0}
     # P(up) = 0.3: the count of 3s is Binomial(20000, 0.3); 5 sigma is about 324.
     assert abs((r == 3.0).sum() - 6000) < 330
+
+
+def test_rounding_probability_is_the_fraction_to_the_nearest_2_pow_minus_16():
+    """The uniforms are the midpoints (k + 1/2) 2^-16: a fraction within 2^-17 of an
+    integer always rounds to it, so the bias is at most 2^-17 (and the 2^16 midpoints
+    are each hit: 16-bit halves of both Threefry words)."""
+    u = np.asarray(uniform_floats(jax.random.key(3), 1_500_000, bits=16))  # P(miss) ~ 1e-5
+    assert np.all(u * 2**16 == np.round(u * 2**16)) and u.min() >= 0 and u.max() < 1
+    assert len(np.unique(u)) == 2**16
+    # 5 + 2^-18 and 7 - 2^-18 (exactly representable) round to the nearest integer always.
+    x = jnp.asarray(np.repeat(np.float32([5 + 2.0**-18, 7 - 2.0**-18]), 50_000))
+    r = np.asarray(stochastic_round(x, jax.random.key(4)))
+    np.testing.assert_array_equal(r, np.repeat(np.float32([5.0, 7.0]), 50_000))
 
 
 @pytest.mark.parametrize("bits", [16, 20, 32])

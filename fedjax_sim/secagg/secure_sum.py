@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sim._chunks import chunked_map
+from fedjax_sim._trees import weighted_sum
 from fedjax_sim._validation import check_choice, check_float, check_int, fail
 from fedjax_sim.comms import Wire, packed_bytes
 from fedjax_sim.secagg import masking
@@ -358,9 +359,13 @@ def secure_sum(cfg: SecureAggregation, *, key: jax.Array) -> Stage:
                 u, k.masks, i, roster.ids, roster.graph, bits))(ring, pos)
         survive = chunk.mask & ~_dropouts(cfg, k.dropout, ids, chunk.mask)
         keep = survive[:, None]
+        # The float diagnostics are summed as a contraction with the survivors' 0/1
+        # weights: XLA:CPU's float reduction over the client axis took 1.6 ms a chunk of
+        # 8 x 2^15 (2.5x the whole encoding), the contraction a tenth of that.
+        ones = survive.astype(jnp.float32)
         return (jnp.sum(jnp.where(keep, ring, jnp.uint32(0)), axis=0, dtype=jnp.uint32),
-                jnp.sum(jnp.where(keep, rounding, 0.0), axis=0),
-                jnp.sum(jnp.where(keep, integers, 0.0), axis=0))
+                weighted_sum(jnp.where(keep, rounding, 0.0), ones),
+                weighted_sum(jnp.where(keep, integers, 0.0), ones))
 
     def finalize(total, state, roster, arrived):
         k = _keys(state.key)
