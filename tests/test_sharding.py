@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from fedjax_sim.algorithms import make_algorithm
     from fedjax_sim.cohort import client_mesh, mesh_for
-    from fedjax_sim.data.label_skew import procedural_label_skew
+    from fedjax_sim.data.federated import make_federated_data
     from fedjax_sim.models import make_model
     from fedjax_sim.rounds import make_round
     from fedjax_sim.sampling import FixedSizeSampler, PoissonSampler
@@ -28,8 +28,13 @@ SCRIPT = textwrap.dedent("""
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, secs, **kw: compiles.append(event)
         if event == "/jax/core/compile/backend_compile_duration" else None)
-    pop = procedural_label_skew(500, alpha=0.5, seed=3, dim=8, num_classes=4,
-                                max_examples=12, min_examples=2)
+    # Materialised data: the procedural generator's compile (most of a round's) would
+    # dominate this test's four compiles and prove nothing more about sharding.
+    rng = np.random.default_rng(3)
+    counts = rng.integers(2, 13, 500)
+    x = rng.normal(size=(500, 12, 8)).astype(np.float32)
+    y = (x @ rng.normal(size=(8, 4))).argmax(-1)
+    pop = make_federated_data(x, y, counts, num_classes=4)
     model = make_model("mlp", (8,), 4, hidden=(16,))
     results = {}
     # A streamed DP sum under Poisson sampling and a stacked median under fixed-size
