@@ -3,8 +3,9 @@
 ``map_cohort`` is the only place where clients are batched. It
 
 1. vmaps the one-client function over equal chunks of at most ``chunk_size`` clients
-   (:mod:`fedjax_sim._chunks`: the last chunks padded with inert clients, so the client
-   program is traced and compiled once), so peak memory for activations, gathered
+   (:mod:`fedjax_sim._chunks`: the last chunks padded with rows whose outputs are
+   dropped, inert clients where chunks are reduced, so the client program is traced and
+   compiled once), so peak memory for activations, gathered
    client data and optimiser state is bounded by the chunk, not by the cohort;
 2. gathers (or procedurally generates) each client's data *inside* the chunk, so the
    cohort's data is never materialised at once;
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from fedjax_sim._chunks import chunk_layout, from_chunks, pad_rows, to_chunks
+from fedjax_sim._chunks import chunk_layout, chunked_map, from_chunks, pad_rows, to_chunks
 from fedjax_sim._host import device_memory_bytes
 from fedjax_sim._validation import check_int, fail
 from fedjax_sim.data.federated import Population
@@ -178,14 +179,7 @@ def _map_local(client_fn, chunk_size, message, population, ids, keys, states):
         cid, key, state = args
         return client_fn(message, _one_client_data(population, cid), key, state)
 
-    # Padding clients (id -1, no examples) fill the last chunks; their outputs are dropped.
-    n = ids.shape[0]
-    chunks, size = chunk_layout(n, chunk_size)
-    if chunks == 1:
-        return jax.vmap(one)((ids, keys, states))
-    padded = (pad_rows(ids, chunks * size, -1), pad_rows((keys, states), chunks * size))
-    out = jax.lax.map(jax.vmap(one), to_chunks((padded[0], *padded[1]), chunks))
-    return from_chunks(out, n)
+    return chunked_map(one, (ids, keys, states), chunk_size)
 
 
 def map_reduce_cohort(client_fn: Callable[..., ClientOutput],

@@ -57,13 +57,11 @@ def add_compile_cache_flag(parser: argparse.ArgumentParser) -> None:
                              "also turns it off)")
 
 
-def compile_cache(argv: list[str]) -> str | None:
-    """Turns the persistent compilation cache on, or off under ``--no-compile-cache`` in
-    ``argv`` (or a prefix of it, as argparse accepts); call it before the first
-    compilation. Returns the directory in use (None: off), for the script's JSON."""
-    flag = "--no-compile-cache"
-    off = any(len(a) > len("--no-") and flag.startswith(a) for a in argv)
-    return fs.use_compile_cache(not off)
+def compile_cache(args: argparse.Namespace) -> str | None:
+    """Turns the persistent compilation cache on, or off when the parsed ``args`` say
+    ``--no-compile-cache``; call it before the first compilation. Returns the directory
+    in use (None: off), for the script's JSON."""
+    return fs.use_compile_cache(not args.no_compile_cache)
 
 
 def device_record() -> dict:

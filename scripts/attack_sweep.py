@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     parser.add_argument("--small", action="store_true", help="a reduced grid (smoke test)")
     add_compile_cache_flag(parser)
     args = parser.parse_args(argv)
-    compile_cache(sys.argv[1:] if argv is None else argv)  # before the first compile
+    compile_cache(args)  # before the first compile
 
     import matplotlib
 

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     add_compile_cache_flag(p)
     args = p.parse_args(argv)
     # For the process: both versions' programs (the base's under its own name) use it.
-    cache = compile_cache(sys.argv[1:] if argv is None else argv)
+    cache = compile_cache(args)
     overrides = dict(item.split("=", 1) for item in args.set)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="fedjax_ab_"))
     commit = export_base(args.base, tmp)

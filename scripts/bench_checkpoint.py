@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=None)
     add_compile_cache_flag(parser)
     args = parser.parse_args()
-    cache = compile_cache(sys.argv[1:])  # after configure_cpu, before the first compile
+    cache = compile_cache(args)  # after configure_cpu, before the first compile
     overrides = _overrides(args.set)
     rounds = fs.make_config(overrides).sampling.rounds
     runs: dict[str, list[dict]] = {"plain": [], "checkpointed": []}

@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
@@ -169,7 +168,7 @@ def main(argv=None) -> None:
     p.add_argument("--output", help="also write the records (JSON lines) to this file")
     add_compile_cache_flag(p)
     args = p.parse_args(argv)
-    env = environment(compile_cache(sys.argv[1:] if argv is None else argv))
+    env = environment(compile_cache(args))
     records = []
 
     def emit(rec):

@@ -93,7 +93,7 @@ def main():
                    help="pin the process to its first N cores before JAX starts; 0 = all")
     add_compile_cache_flag(p)
     args = p.parse_args()
-    cache = compile_cache(sys.argv[1:])  # before the first compile
+    cache = compile_cache(args)  # before the first compile
     c, n, b = args.cohort, args.examples, args.batch_size
     if n % b:
         p.error(f"--examples={n} must be a multiple of --batch-size={b}")

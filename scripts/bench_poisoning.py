@@ -40,7 +40,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
@@ -175,7 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--output", help="also write the records (JSON lines) to this file")
     add_compile_cache_flag(p)
     args = p.parse_args(argv)
-    env = environment(compile_cache(sys.argv[1:] if argv is None else argv))
+    env = environment(compile_cache(args))
     records = bench(args.population, args.cohort, args.fraction, args.rounds, args.variants)
     env["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     records = [{**rec, **env} for rec in records]

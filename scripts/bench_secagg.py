@@ -294,7 +294,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=None)
     add_compile_cache_flag(parser)
     args = parser.parse_args()
-    CACHE["dir"] = compile_cache(sys.argv[1:])  # after configure_cpu, before any compile
+    CACHE["dir"] = compile_cache(args)  # after configure_cpu, before any compile
     defaults = {"dme": ([8, 10, 12, 16, 20], 1), "dropout": ([20, 32], 100),
                 "accuracy": ([12, 14, 16, 20], 30), "cost": ([20], 3),
                 "plot": ([], 1)}[args.mode]

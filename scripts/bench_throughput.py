@@ -199,7 +199,7 @@ def main():
                    help="clients actually timed in the loop (extrapolated linearly)")
     add_compile_cache_flag(p)
     args = p.parse_args()
-    cache = compile_cache(sys.argv[1:])  # before the first compile
+    cache = compile_cache(args)  # before the first compile
     env = {"jax": jax.__version__, **device_record(),
            "device": str(jax.devices()[0].device_kind), "cpu": platform.processor() or
            platform.machine(), "date": time.strftime("%Y-%m-%d"),

@@ -29,7 +29,6 @@ import argparse
 import json
 import platform
 import resource
-import sys
 import time
 
 import jax
@@ -43,7 +42,6 @@ def peak_rss_mib() -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=1_000_000)
     p.add_argument("--cohort", type=int, default=10_000)
@@ -61,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--devices={args.devices}: must be >= 0")
     if args.devices != 1:  # before JAX starts its backends
         fs.use_every_cpu_core()
-    cache = compile_cache(argv)  # before the first compile
+    cache = compile_cache(args)  # before the first compile
     try:
         mesh = fs.mesh_for(args.devices or None)
     except fs.ConfigError as e:

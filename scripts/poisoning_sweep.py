@@ -86,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cache = compile_cache(sys.argv[1:] if argv is None else argv)  # before the first compile
+    cache = compile_cache(args)  # before the first compile
     cohort = args.cohort_size or args.num_clients
     base = {"data": "digits", "partition": "iid", "num_clients": args.num_clients,
             "cohort_size": cohort, "rounds": args.rounds, "client_lr": 0.3,

@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 
 import jax
@@ -112,7 +111,7 @@ def run(name, alg, args, population, eval_data, model, loss_field):
 
 def main(argv=None):
     args = parse_args(argv)
-    cache = compile_cache(sys.argv[1:] if argv is None else argv)  # before the first compile
+    cache = compile_cache(args)  # before the first compile
     started = time.perf_counter()
     population = fs.data.procedural_label_skew(args.clients, alpha=args.alpha, seed=args.seed)
     model = fs.make_model("softmax", population.example_shape, population.num_classes)
