@@ -10,7 +10,18 @@ the partials over chunks and devices and calls ``finalize`` once.
 What an observer reports is simulator ground truth (it may read every client's upload,
 which a server behind secure aggregation could not), and it is labelled so by the
 observer that computes it. The same seed gives the same model with and without any
-observer: observers take no keys from the round and return only metrics.
+observer: observers take no keys from the round and return only metrics (and, with
+``capture``, arrays the host reads after the round).
+
+Three optional parts serve the in-run attackers (:mod:`fedjax_sim.attacks.capture`):
+
+* ``sent=True``: ``partial`` receives the uploads as they leave the clients, after the
+  chain's client-side stages (clipping, quantisation, local noise), instead of as they
+  come out of the client program;
+* ``setup(ids, mask, round)``: once per round, before any chunk, from the cohort's ids,
+  mask and the 0-based round number; ``partial`` then takes ``(chunk, context)``;
+* ``capture(summed partial)``: a pytree handed to the host in
+  ``RoundOutput.observed[name]`` (e.g. the victims' uploads).
 """
 
 from __future__ import annotations
@@ -34,11 +45,22 @@ class Observer:
       partial: ``CohortUpdates -> pytree``, additive over chunks and devices.
       finalize: ``(summed partial, aggregate) -> {metric name: scalar}``, merged into the
         round's metrics.
+      sent: ``partial`` sees the uploads after the chain's client-side stages.
+      setup: ``(ids, mask, round) -> context``, or None.
+      capture: ``summed partial -> pytree`` for the host, or None.
     """
 
     name: str
-    partial: Callable[[CohortUpdates], PyTree]
+    partial: Callable[..., PyTree]
     finalize: Callable[[PyTree, PyTree], dict[str, jax.Array]]
+    sent: bool = False
+    setup: Callable[[jax.Array, jax.Array, jax.Array], PyTree] | None = None
+    capture: Callable[[PyTree], PyTree] | None = None
+
+    def read(self, chunk: CohortUpdates, context: PyTree) -> PyTree:
+        """The observer's partial of ``chunk`` (with the round's context when it has a
+        ``setup``)."""
+        return self.partial(chunk) if self.setup is None else self.partial(chunk, context)
 
 
 __all__ = ["Observer"]

@@ -122,12 +122,14 @@ class RoundOutput(NamedTuple):
         truth), ``weight`` and ``finite``.
       server_view: what the server holds of the uploads (:class:`ServerView`), when
         the round was made with ``server_view=True``; else None.
+      observed: what observers with a ``capture`` hand to the host, by observer name.
     """
 
     metrics: dict[str, jax.Array]
     client_ids: jax.Array
     client_metrics: dict[str, jax.Array]
     server_view: ServerView | None = None
+    observed: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,12 +294,19 @@ def make_round(algorithm: Algorithm, sampler: Sampler, *, chunk_size: int | None
         states = jax.tree.map(lambda s: s[jnp.where(mask, ids, 0)], state.client_states)
         message = server.broadcast(state.params, state.server)
         roster = chain.setup(ids, mask, state.aggregator)
+        contexts = tuple(o.setup(ids, mask, state.round) if o.setup else None
+                         for o in observers)
+
+        def observe(chunk):
+            sent = (chain.client_side(chunk, state.aggregator)
+                    if any(o.sent for o in observers) else None)
+            return tuple(o.read(sent if o.sent else chunk, c)
+                         for o, c in zip(observers, contexts))
 
         uploads = None
         if stream:  # Reduce chunk by chunk: O(chunk) memory.
             def partial(chunk):
-                return (chain.partial(chunk, state.aggregator, roster),
-                        tuple(o.partial(chunk) for o in observers))
+                return chain.partial(chunk, state.aggregator, roster), observe(chunk)
 
             (total, observed), out = map_reduce_cohort(
                 client_fn, partial, message, population, ids, keys, mask, states,
@@ -308,7 +317,7 @@ def make_round(algorithm: Algorithm, sampler: Sampler, *, chunk_size: int | None
             out = map_cohort(client_fn, message, population, ids, keys, states,
                              chunk_size=chunk_size, mesh=mesh)
             uploads = cohort_updates(out, mask, ids)
-            observed = tuple(o.partial(uploads) for o in observers)
+            observed = observe(uploads)
             aggregate, aggregator, counts, reduced = chain.reduce(
                 uploads, state.aggregator, roster, with_view=True)
         aborted = jnp.asarray(counts.aborted, bool)
@@ -339,8 +348,11 @@ def make_round(algorithm: Algorithm, sampler: Sampler, *, chunk_size: int | None
             "update_norm": l2_norm(aggregate),
             "aborted": aborted,
         })
+        captured = {}
         for observer, total in zip(observers, observed):
             metrics.update(observer.finalize(total, aggregate))
+            if observer.capture is not None:
+                captured[observer.name] = observer.capture(total)
         metrics.update(chain.metrics(aggregator))
         new_state = ServerState(params=params, server=server_state, aggregator=aggregator,
                                 client_states=client_states, round=state.round + 1)
@@ -351,7 +363,7 @@ def make_round(algorithm: Algorithm, sampler: Sampler, *, chunk_size: int | None
         if server_view:
             view = ServerView(reduced, counts.aggregated,
                               None if chain.hides_clients else uploads)
-        return new_state, RoundOutput(metrics, ids, client_metrics, view)
+        return new_state, RoundOutput(metrics, ids, client_metrics, view, captured)
 
     why = None
     if not stream:

@@ -190,11 +190,11 @@ def _ig_fn(model: Model, local: LocalTraining, config: InversionConfig, batch: i
     def project(x):
         return jnp.clip(x, 0.0, 1.0) if config.box else x
 
-    def one_victim(params, update, labels, key):
+    def one_victim(params, update, labels, key, mask):
         soft = jax.nn.one_hot(labels, model.num_classes)
 
         def objective(x):
-            sim = simulate_update(model, params, x, soft, local)
+            sim = simulate_update(model, params, x, soft, local, mask)
             return cosine_distance(sim, update) + config.tv_weight * total_variation(x)
 
         def one_restart(k):
@@ -204,7 +204,7 @@ def _ig_fn(model: Model, local: LocalTraining, config: InversionConfig, batch: i
         x, value = _keep_best(xs, values)
         return x, labels.astype(jnp.int32), value
 
-    return jax.jit(jax.vmap(one_victim, in_axes=(None, 0, 0, 0)))
+    return jax.jit(jax.vmap(one_victim, in_axes=(None, 0, 0, 0, 0)))
 
 
 def victim_keys(key: jax.Array, num_victims: int) -> jax.Array:
@@ -254,7 +254,8 @@ def dlg_attack(model: Model, params: PyTree, updates: PyTree, local: LocalTraini
 
 def inverting_gradients_attack(model: Model, params: PyTree, updates: PyTree,
                                labels: jax.Array, local: LocalTraining, *, key: jax.Array,
-                               config: InversionConfig = IG_DEFAULTS) -> Reconstruction:
+                               config: InversionConfig = IG_DEFAULTS,
+                               mask: jax.Array | None = None) -> Reconstruction:
     """Inverting Gradients (cosine + TV, signed Adam, restarts) against many victims at once.
 
     Args:
@@ -266,6 +267,9 @@ def inverting_gradients_attack(model: Model, params: PyTree, updates: PyTree,
       local: the victims' local training.
       key: PRNG key for the random initialisations, or ``[V]`` per-victim keys.
       config: optimisation settings.
+      mask: ``[V, B]`` bool, each victim's real examples (first; padded clients), or
+        None (all ``B`` are real). The simulated training skips the padding, as the
+        engine does; the padding's dummies are returned but mean nothing.
 
     Returns:
       :class:`Reconstruction` with ``[V, B, ...]`` inputs.
@@ -274,9 +278,12 @@ def inverting_gradients_attack(model: Model, params: PyTree, updates: PyTree,
     num = _num_victims(updates)
     if labels.ndim != 2 or labels.shape[0] != num:
         fail("labels.shape", labels.shape, f"must be [{num}, batch_size]")
+    mask = jnp.ones(labels.shape, bool) if mask is None else jnp.asarray(mask, bool)
+    if mask.shape != labels.shape:
+        fail("mask.shape", mask.shape, f"must match labels {labels.shape}")
     keys = victim_keys(key, num)
     fn = _ig_fn(model, local, config, int(labels.shape[1]))
-    x, lab, value = fn(params, updates, labels, keys)
+    x, lab, value = fn(params, updates, labels, keys, mask)
     return Reconstruction(x, lab, value)
 
 

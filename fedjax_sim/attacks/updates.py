@@ -78,7 +78,7 @@ def soft_cross_entropy(logits: jax.Array, soft_labels: jax.Array) -> jax.Array:
 
 
 def simulate_update(model: Model, params: PyTree, x: jax.Array, soft_labels: jax.Array,
-                    local: LocalTraining) -> PyTree:
+                    local: LocalTraining, mask: jax.Array | None = None) -> PyTree:
     """The victim's model delta for examples ``x``, differentiable in ``x`` and the labels.
 
     Local SGD over ``x`` in its given order: ``local_epochs`` passes of mini-batches of
@@ -91,6 +91,9 @@ def simulate_update(model: Model, params: PyTree, x: jax.Array, soft_labels: jax
       x: ``[B, *example_shape]`` inputs.
       soft_labels: ``[B, num_classes]`` label distributions (one-hot for hard labels).
       local: the local training.
+      mask: ``[B]`` bool, the real examples, which come first (a client padded to ``B``
+        slots, as the engine packs it: its real examples first); None = all real. Steps
+        that see no real example change nothing, as in the engine.
 
     Returns:
       The delta pytree (params after local training minus ``params``).
@@ -99,13 +102,14 @@ def simulate_update(model: Model, params: PyTree, x: jax.Array, soft_labels: jax
     batch = num if local.batch_size is None else min(local.batch_size, num)
     steps = math.ceil(num / batch)
     pad = steps * batch - num
+    real = jnp.ones((num,), bool) if mask is None else jnp.asarray(mask, bool)
     xb = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape((steps, batch) + x.shape[1:])
     yb = jnp.pad(soft_labels, ((0, pad), (0, 0))).reshape(steps, batch, -1)
-    mb = (jnp.arange(steps * batch) < num).reshape(steps, batch).astype(x.dtype)
+    mb = jnp.pad(real, (0, pad)).reshape(steps, batch).astype(x.dtype)
 
     def batch_loss(p, xs, ys, ms):
         losses = soft_cross_entropy(model.apply(p, xs), ys)
-        return jnp.sum(losses * ms) / jnp.sum(ms)
+        return jnp.sum(losses * ms) / jnp.maximum(jnp.sum(ms), 1.0)
 
     def step(p, inputs):
         g = jax.grad(batch_loss)(p, *inputs)

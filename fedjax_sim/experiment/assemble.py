@@ -10,9 +10,12 @@
     adversary = attack registry    (cfg.attack, the data)      client wrapper, stage
     chain = [adversary stage] + server chain (compress, filter, clip, reducer, noise;
             with secure aggregation: secure sum, then the aggregator's noise/division)
-    algorithm = algorithm registry (cfg.algorithm, model, chain), wrapped by the adversary
+    algorithm = algorithm registry (cfg.algorithm, model, chain), wrapped by the adversary,
+                then by the auditing canaries
     ledger = ledger_for(chain, sampler.spec)                   read from what runs
-    round = make_round(algorithm, sampler, engine settings, observers)
+    round = make_round(algorithm, sampler, engine settings, observers: the adversary's
+            diagnostics, the honest server's victim capture; behind secure
+            aggregation the server view)
 
 Nothing here runs inside the round, and the library never imports this module.
 """
@@ -26,17 +29,21 @@ import jax
 import math
 
 from fedjax_sim.algorithms.base import Algorithm
+from fedjax_sim.attacks.capture import victim_capture
 from fedjax_sim.cohort import mesh_for
 from fedjax_sim.experiment.algorithms import build_algorithm, resolved_weighting
 from fedjax_sim.experiment.attacks import AdversaryPlan, AttackContext, build_adversary
 from fedjax_sim.experiment.config import ExperimentConfig
+from fedjax_sim.experiment.audit import with_canaries
 from fedjax_sim.experiment.data import ExperimentData, build_data
+from fedjax_sim.experiment.leakage import observed_rounds
 from fedjax_sim.experiment.models import build_model
 from fedjax_sim.experiment.sampling import build_sampler
 from fedjax_sim.experiment.server import (PrivacyPlan, build_chain, calibrated,
                                           privacy_plan, server_key)
 from fedjax_sim.models import Model
 from fedjax_sim.privacy import ledger_for
+from fedjax_sim.privacy.canaries import Canaries
 from fedjax_sim.rounds import FederatedRound, make_round
 from fedjax_sim.sampling import Sampler
 from fedjax_sim.server.base import chain
@@ -58,6 +65,7 @@ class Experiment:
       ledger: the privacy ledger, or None without DP noise.
       round: the compiled-once round.
       key: the run's base PRNG key.
+      canaries: the auditing canaries (None without them).
     """
 
     cfg: ExperimentConfig
@@ -70,6 +78,7 @@ class Experiment:
     ledger: Any
     round: FederatedRound
     key: jax.Array
+    canaries: Canaries | None = None
 
     @property
     def num_params(self) -> int:
@@ -103,6 +112,7 @@ def assemble(cfg: ExperimentConfig) -> Experiment:
     algorithm = build_algorithm(cfg, model, server_chain, pop.num_clients, weighting)
     if adversary.wrap is not None:
         algorithm = algorithm.with_client(adversary.wrap(algorithm.client))
+    algorithm, canaries = with_canaries(cfg, algorithm, base_key, pop.num_clients)
     ledger = None
     if plan.dp:  # The ledger reads the chain that runs, not the config's numbers.
         ledger = ledger_for(server_chain, sampler.spec, accountant=cfg.server.accountant,
@@ -112,10 +122,14 @@ def assemble(cfg: ExperimentConfig) -> Experiment:
                                  f"{ledger.noise_multiplier}, the plan asked for "
                                  f"{plan.noise_multiplier}")
     observers = [adversary.observer] if adversary.observer is not None else []
+    observed = observed_rounds(cfg)
+    if observed and not server_chain.hides_clients:  # the server keeps victims' uploads
+        observers.append(victim_capture(cfg.leakage.victims, observed))
     fed_round = make_round(algorithm, sampler, chunk_size=cfg.engine.chunk_size,
-                           mesh=mesh_for(cfg.engine.num_devices), observers=observers)
+                           mesh=mesh_for(cfg.engine.num_devices), observers=observers,
+                           server_view=bool(observed) and server_chain.hides_clients)
     return Experiment(cfg, data, model, sampler, plan, adversary, algorithm, ledger,
-                      fed_round, base_key)
+                      fed_round, base_key, canaries)
 
 
 __all__ = ["Experiment", "assemble"]

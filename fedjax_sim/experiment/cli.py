@@ -1,4 +1,4 @@
-"""The ``fedjax-sim`` command line: ``run``, ``privacy`` and ``attack``.
+"""The ``fedjax-sim`` command line: ``run``, ``privacy``, ``attack`` and ``report``.
 
 Every flag of every subcommand comes from one schema (:mod:`fedjax_sim.experiment.schema`):
 a declared field gives the flag, its help (with the allowed values or range) and the
@@ -18,7 +18,7 @@ import warnings
 from typing import Sequence
 
 from fedjax_sim._validation import ConfigError
-from fedjax_sim.experiment import attack_cli, privacy_cli
+from fedjax_sim.experiment import attack_cli, privacy_cli, report
 from fedjax_sim.experiment.config import FIELDS, SECTIONS, load_config
 from fedjax_sim.experiment.flags import (ArgumentParser, add_compile_cache_flag, add_field_flags,
                                          given)
@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(subparsers)
     privacy_cli.add_parser(subparsers)
     attack_cli.add_parser(subparsers)
+    report.add_parser(subparsers)
     return parser
 
 

@@ -1,7 +1,8 @@
 """The configuration of a ``fedjax-sim run``: sections of frozen dataclasses.
 
 :class:`ExperimentConfig` holds one section per concern (``data``, ``model``,
-``algorithm``, ``sampling``, ``server``, ``secure``, ``attack``, ``engine``, ``output``)
+``algorithm``, ``sampling``, ``server``, ``secure``, ``attack``, ``leakage``, ``engine``,
+``output``)
 and the run's ``seed``. Every field is declared once (:func:`~fedjax_sim.experiment.schema.option`):
 type, range, help and flag. ``None`` means "automatic" (the builder picks; the help
 says what).
@@ -249,6 +250,31 @@ class SecureConfig(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class LeakageConfig(_Section):
+    SECTION = "leakage"
+    observe_rounds: tuple[int, ...] | None = option(
+        None, "rounds (1-based) in which the honest-but-curious server attacks what it "
+        "sees: each victim's upload, or behind secure aggregation only the sum; "
+        "automatic: none")
+    victims: int = option(4, "clients attacked per observed round", low=1, high=2**16)
+    leak_attacks: str | None = option(None, "comma-separated subset of labels, "
+                                      "closed_form, ig; automatic: every attack the model "
+                                      "supports")
+    inversion_steps: int = option(200, "optimisation steps of the inversion (ig)", low=1,
+                                  high=10**6)
+    inversion_restarts: int = option(1, "random restarts of the inversion (ig)", low=1,
+                                     high=1024)
+    tv_weight: float = option(1e-3, "total-variation weight of the inversion (images)",
+                              low=0.0, high=1e6)
+    canaries: int = option(0, "canary clients for empirical privacy auditing (needs DP "
+                           "noise; each is inserted with probability 1/2); 0: none",
+                           low=0, high=10**6)
+    canary_guesses: int | None = option(None, "guesses on each side of the one-run lower "
+                                        "bound; automatic: canaries // 8", low=1,
+                                        high=10**6)
+
+
+@dataclasses.dataclass(frozen=True)
 class EngineConfig(_Section):
     SECTION = "engine"
     chunk_size: int | None = option(None, "clients vectorised together; automatic: from "
@@ -278,7 +304,7 @@ class OutputConfig(_Section):
 
 SECTIONS: dict[str, type] = {c.SECTION: c for c in (
     DataConfig, ModelConfig, AlgorithmConfig, SamplingConfig, ServerConfig, SecureConfig,
-    AttackConfig, EngineConfig, OutputConfig)}
+    AttackConfig, LeakageConfig, EngineConfig, OutputConfig)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,6 +322,7 @@ class ExperimentConfig:
     server: ServerConfig = ServerConfig()
     secure: SecureConfig = SecureConfig()
     attack: AttackConfig = AttackConfig()
+    leakage: LeakageConfig = LeakageConfig()
     engine: EngineConfig = EngineConfig()
     output: OutputConfig = OutputConfig()
     seed: int = 0
@@ -416,6 +443,9 @@ def check_config(cfg: ExperimentConfig) -> None:
     cross-field checks (:mod:`fedjax_sim.experiment.registry`)."""
     for name in registry.CHECK_ORDER:
         registry.family(name).check(cfg, FIELDS)
+    from fedjax_sim.experiment.leakage import check_leakage
+
+    check_leakage(cfg)
     check_output(cfg.output)
 
 
@@ -426,6 +456,7 @@ def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = N
 
 
 __all__ = ["AlgorithmConfig", "AttackConfig", "DataConfig", "EngineConfig",
-           "ExperimentConfig", "FIELDS", "ModelConfig", "OutputConfig", "SECTIONS",
+           "ExperimentConfig", "FIELDS", "LeakageConfig", "ModelConfig", "OutputConfig",
+           "SECTIONS",
            "SamplingConfig", "SecureConfig", "ServerConfig", "check_config", "load_config",
            "load_toml", "make_config"]

@@ -398,7 +398,8 @@ class CheckpointReporter(Reporter):
 
 
 class ProgressReporter(Reporter):
-    """A tqdm progress bar on stderr: loss, accuracy, epsilon, updates per second."""
+    """A tqdm progress bar on stderr: loss, accuracy, epsilon (with canaries also the
+    estimates and the lower bound), updates per second."""
 
     def __init__(self, run, enabled: bool):
         cfg = run.experiment.cfg
@@ -407,6 +408,7 @@ class ProgressReporter(Reporter):
         self.bar = tqdm(total=cfg.sampling.rounds, desc=desc, disable=not enabled,
                         file=sys.stderr, dynamic_ncols=True)
         self.accuracy = float("nan")
+        self.audit = ""
 
     def resume(self, run, rows):
         for row in rows:
@@ -418,6 +420,12 @@ class ProgressReporter(Reporter):
         if row.get("test_accuracy") is not None:
             self.accuracy = row["test_accuracy"]
         eps = "inf" if row.get("epsilon") is None else f"{row['epsilon']:.3g}"
+        if row.get("epsilon_estimate") is not None:
+            self.audit = (f"{row['epsilon_estimate']:.3g}/"
+                          f"{row['epsilon_estimate_all_iterates']:.3g}>="
+                          f"{row['epsilon_lower_bound']:.3g}")
+        if self.audit:  # canaries: estimate (final / all iterates) >= lower bound
+            eps = f"{eps} est {self.audit}"
         loss = row.get("train_loss")
         self.bar.set_postfix(loss="-" if loss is None else f"{loss:.3f}",
                              acc=f"{self.accuracy:.3f}", eps=eps,

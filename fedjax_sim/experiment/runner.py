@@ -18,7 +18,9 @@ With an output folder, a run
   ``output.resume``, continues from the newest one exactly as if it had never stopped
   (same params, rows and epsilon, bit for bit on one machine);
 * saves the final model in ``DIR/model`` when it succeeds:
-  ``fedjax_sim.load_params(DIR)`` loads it back.
+  ``fedjax_sim.load_params(DIR)`` loads it back;
+* writes ``DIR/report.html`` (:mod:`fedjax_sim.experiment.report`), also for a failed
+  run: one self-contained page with the curves, privacy, leakage and configuration.
 
 A run whose model dies (non-finite params or held-out loss, or ``max_empty_rounds``
 rounds aggregating nobody) raises :class:`TrainingDiverged` after writing the rows so
@@ -38,10 +40,13 @@ import jax
 from fedjax_sim._validation import fail
 from fedjax_sim.experiment.assemble import Experiment, assemble
 from fedjax_sim.experiment.checkpoint import RunCheckpoints, config_differences, save_params
+from fedjax_sim.experiment.audit import AuditReporter
 from fedjax_sim.experiment.config import ExperimentConfig
+from fedjax_sim.experiment.leakage import LeakageReporter, observed_rounds
 from fedjax_sim.experiment.outputs import (CHECKPOINTS, METRICS, SUMMARY, dumps,
                                            prepare_output, truncate_rows)
 from fedjax_sim.experiment.provenance import provenance
+from fedjax_sim.experiment.report import write_report
 from fedjax_sim.experiment.reporters import (AttackReporter, CallbackReporter,
                                              CheckpointReporter, ClipReporter, CommsReporter,
                                              EvaluationReporter, HealthReporter,
@@ -53,11 +58,15 @@ from fedjax_sim.experiment.reporters import (AttackReporter, CallbackReporter,
 
 @dataclasses.dataclass
 class Run:
-    """What the reporters may read about the run in progress."""
+    """What the reporters may read about the run in progress: the experiment, timings,
+    and the last round's full :class:`~fedjax_sim.rounds.RoundOutput` (device arrays)
+    with the params that round broadcast."""
 
     experiment: Experiment
     compile_seconds: float = 0.0
     round_seconds: list[float] = dataclasses.field(default_factory=list)
+    output: Any = None
+    params_before: Any = None
 
 
 def default_reporters(run: Run, *, output_dir: str | None, progress: bool,
@@ -72,8 +81,13 @@ def default_reporters(run: Run, *, output_dir: str | None, progress: bool,
                                  EvaluationReporter(run, backdoor_reporter_extra(run))]
     if cfg.attack.kind != "none":
         reporters.append(AttackReporter())
-    reporters += [PrivacyReporter(run), ClipReporter(), CommsReporter(run),
-                  ServerViewReporter(run), JsonLinesReporter(output_dir, append=append)]
+    reporters.append(PrivacyReporter(run))
+    if run.experiment.canaries is not None:
+        reporters.append(AuditReporter(run))
+    reporters += [ClipReporter(), CommsReporter(run), ServerViewReporter(run)]
+    if observed_rounds(cfg):
+        reporters.append(LeakageReporter(run, output_dir))
+    reporters.append(JsonLinesReporter(output_dir, append=append))
     if on_round is not None:
         reporters.append(CallbackReporter(on_round))
     reporters.append(HealthReporter())
@@ -162,8 +176,9 @@ def run_experiment(cfg: ExperimentConfig, *, output_dir: str | None = None,
     try:
         for r in range(len(rows), cfg.sampling.rounds):
             t0 = time.perf_counter()
-            state, metrics_out = step(state, pop, jax.random.fold_in(rounds_key, r))
-            metrics = jax.device_get(metrics_out.metrics)
+            run.params_before = state.params
+            state, run.output = step(state, pop, jax.random.fold_in(rounds_key, r))
+            metrics = jax.device_get(run.output.metrics)
             run.round_seconds.append(time.perf_counter() - t0)
             row = {}
             try:
@@ -206,6 +221,8 @@ def run_experiment(cfg: ExperimentConfig, *, output_dir: str | None = None,
         "config": cfg.to_dict(),
     })
     _write_summary(out, summary)
+    if out:
+        write_report(out)
     if failure is not None:
         raise failure
     if exp.ledger is not None:

@@ -433,6 +433,17 @@ class Chain:
         out = (aggregate, tuple(new + [st] + post), count)
         return out + (reduced,) if with_view else out
 
+    def client_side(self, cohort: CohortUpdates, state: PyTree) -> CohortUpdates:
+        """The uploads as they leave the clients: ``cohort`` zero-masked and through the
+        ``CLIENT`` stages before the first server-side stage (what an honest-but-curious
+        server receives from each client when it sees every upload)."""
+        cohort = zero_masked(cohort)
+        for s, st in zip(self.pre, state):
+            if s.kind is not StageKind.CLIENT:
+                break
+            cohort = s.apply(cohort, st)
+        return cohort
+
     def partial(self, chunk: CohortUpdates, state: PyTree, roster: PyTree = None) -> PyTree:
         """Streaming path: one chunk's additive contribution (client stages run here)."""
         i = self._need_streaming()
