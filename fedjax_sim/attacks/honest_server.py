@@ -193,7 +193,7 @@ def attack_uploads(model: Model, params: PyTree, uploads: PyTree, truth: Truth,
     if np.any(counts == 0):
         fail("truth.mask", "<a victim without examples>", "every victim needs an example")
     image = is_image(tuple(model.example_shape))
-    metrics: dict[str, float] = {"leak_victims": float(len(counts))}
+    metrics: dict[str, float] = {"leak_victims": int(len(counts))}
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     labels = None
     if "labels" in attack.attacks or "ig" in attack.attacks:
@@ -246,7 +246,7 @@ def attack_secure_sum(model: Model, params: PyTree, total: PyTree, count: int, t
     """
     n = int(truth.mask.sum())
     image = is_image(tuple(model.example_shape))
-    metrics: dict[str, float] = {"leak_victims": float(count), "leak_secure_sum": 1.0}
+    metrics: dict[str, float] = {"leak_victims": int(count), "leak_secure_sum": 1}
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     mean = jax.tree.map(lambda t: (t / max(count, 1))[None], total)
     if "labels" in attack.attacks and count > 0:

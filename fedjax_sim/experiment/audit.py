@@ -6,7 +6,9 @@ one uploading its random direction at the clip norm whenever it is sampled. The 
 (:class:`AuditReporter`) watches the global model:
 
 * ``epsilon_estimate``: Andrew et al.'s one-shot estimate from the cosines between the
-  final model's change since initialisation and every canary direction;
+  final model's change since initialisation and every canary direction (a Gaussian fit
+  of the inserted and the held-out canaries with a pooled spread,
+  :func:`fedjax_sim.privacy.auditing.one_shot_estimate`);
 * ``epsilon_estimate_all_iterates``: the same from each canary's largest cosine with any
   round's model change;
 * ``epsilon_lower_bound``: Steinke, Nasr and Jagielski's one-run lower bound (beta =
@@ -108,8 +110,8 @@ class AuditReporter(Reporter):
             "canary_norm": self.canaries.norm, "guesses_each_side": self.guesses,
             "beta": BETA, "delta": self.delta, "epsilon_accountant": summary.get("epsilon"),
             **self.last,
-            "methods": "estimate: Andrew et al., ICLR 2024 (one-shot, Gaussian fit to the "
-                       "inserted and held-out canaries' cosines); lower bound: Steinke, "
+            "methods": "estimate: Andrew et al., ICLR 2024 (one-shot, Gaussian fits to the "
+                       "inserted and held-out canaries' cosines, pooled spread); lower bound: Steinke, "
                        "Nasr and Jagielski, NeurIPS 2023 (one run, beta = 0.05)",
             "caveat": "an estimate and a high-probability lower bound from this run's "
                       "canaries; neither certifies privacy (the accountant's epsilon is "

@@ -180,7 +180,8 @@ class LeakageReporter(Reporter):
     """The honest-but-curious server's attacks in the observed rounds (module docstring).
 
     Reads the round's captured uploads (or its server view), the params broadcast in
-    that round and the victims' data (ground truth, for scoring only).
+    that round and the victims' data (ground truth, for scoring only). Auditing canaries
+    among the victims are left out of the scores: their uploads hold no data.
     """
 
     def __init__(self, run: Any, output_dir: str | None):
@@ -199,10 +200,17 @@ class LeakageReporter(Reporter):
         self.dir = os.path.join(output_dir, LEAKAGE_DIR) if output_dir else None
         self.rows: list[dict[str, float]] = []
         self._gather = jax.jit(lambda pop, ids: pop.cohort_data(ids))
+        self.canary_ids = None if exp.canaries is None else exp.canaries.client_ids
 
     def resume(self, run, rows):
         self.rows = [{k: v for k, v in row.items() if k.startswith("leak_")}
                      for row in rows if row.get("leak_victims") is not None]
+
+    def _canary(self, ids: np.ndarray) -> np.ndarray:
+        """Which ``ids`` are auditing canaries (their uploads carry no data to score)."""
+        if self.canary_ids is None:
+            return np.zeros(ids.shape, bool)
+        return np.isin(ids, self.canary_ids)
 
     def _truth(self, run, ids: np.ndarray) -> Truth:
         data = self._gather(run.experiment.data.population, jax.numpy.asarray(ids))
@@ -216,7 +224,7 @@ class LeakageReporter(Reporter):
         if self.hides:
             view = out.server_view
             ids = np.asarray(out.client_ids)
-            truth = self._truth(run, ids[ids >= 0])
+            truth = self._truth(run, ids[(ids >= 0) & ~self._canary(ids)])
             truth = Truth(truth.x[truth.mask][None], truth.y[truth.mask][None],
                           np.ones((1, int(truth.mask.sum())), bool))
             leak = attack_secure_sum(self.model, params, view.total, int(view.count),
@@ -229,7 +237,12 @@ class LeakageReporter(Reporter):
                 return
             uploads = jax.tree.map(lambda u: u[present], cap.uploads)
             truth = self._truth(run, np.asarray(cap.client_ids)[present])
-            keep = truth.mask.any(axis=1)  # a client without examples leaks nothing
+            # A client without examples leaks nothing; a canary's upload holds no data.
+            keep = truth.mask.any(axis=1) & ~self._canary(
+                np.asarray(cap.client_ids)[present])
+            if not keep.any():
+                row["leak_victims"] = 0
+                return
             uploads = jax.tree.map(lambda u: u[keep], uploads)
             truth = Truth(truth.x[keep], truth.y[keep], truth.mask[keep])
             leak = attack_uploads(self.model, params, uploads, truth, self.attack,
