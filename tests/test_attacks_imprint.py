@@ -58,7 +58,7 @@ def test_single_example_is_exact_and_attack_is_vmapped():
         rows = joint[v][np.all(np.isfinite(joint[v].reshape(32, -1)), axis=1)]
         assert len(rows) == 1
         np.testing.assert_allclose(rows[0], x_all[v], atol=1e-4)
-        one = jax.tree.map(lambda u: u[v:v + 1], ups)
+        one = jax.tree.map(lambda u, v=v: u[v:v + 1], ups)
         np.testing.assert_array_equal(np.asarray(imp.imprint_attack(one, config, SHAPE)
                                                  .inputs[0]), joint[v])
 

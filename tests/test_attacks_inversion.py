@@ -10,7 +10,7 @@ import pytest
 from fedjax_sim._validation import ConfigError
 from fedjax_sim.attacks import (InversionConfig, LocalTraining, closed_form_attack, dlg_attack,
                                 evaluate_victims, inverting_gradients_attack,
-                                label_count_accuracy, observed_updates, recover_labels,
+                                label_count_accuracy, observe_victims, recover_labels,
                                 simulate_update, victim_updates)
 from fedjax_sim.attacks.inversion import victim_keys
 from fedjax_sim.client_update import epoch_order
@@ -65,7 +65,7 @@ def test_simulated_update_equals_engine_client_update():
             d = simulate(p, x[v][order], soft[v][order])
             p = jax.tree.map(jnp.add, p, d)
         sim = jax.tree.map(jnp.subtract, p, params)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b[v], atol=1e-6), sim, ups)
+        jax.tree.map(lambda a, b, v=v: np.testing.assert_allclose(a, b[v], atol=1e-6), sim, ups)
 
 
 @pytest.mark.parametrize("name,local", [("mlp", FEDSGD), ("softmax", FEDSGD),
@@ -142,7 +142,7 @@ def test_attacks_are_vmapped_same_as_loop_over_victims():
     joint = _ig(model, params, ups, y, key=keys)
     cf_joint = closed_form_attack(ups, SHAPE)
     for v in (0, 17, 49):
-        one = jax.tree.map(lambda u: u[v:v + 1], ups)
+        one = jax.tree.map(lambda u, v=v: u[v:v + 1], ups)
         alone = _ig(model, params, one, y[v:v + 1], key=keys[v:v + 1])
         # Tens of Adam steps amplify the last-bit differences between the batched and
         # the one-victim program (their reductions are tiled differently): up to ~1e-4
@@ -155,18 +155,20 @@ def test_attacks_are_vmapped_same_as_loop_over_victims():
 
 
 def test_dp_noise_lowers_psnr_and_clipping_alone_does_not():
-    """Per-client clip + Gaussian noise: IG and closed-form PSNR drop far below the clean
-    attack; clipping alone only rescales the update, and both attacks are scale-invariant."""
+    """Per-client clip + Gaussian noise, as the engine's round sends them: IG and
+    closed-form PSNR drop far below the clean attack; clipping alone only rescales the
+    update, and both attacks are scale-invariant."""
     model, params, x, y, ups = _setup("mlp", 50, 1)
     norms = np.asarray(per_client_l2_norms(ups))
     clip = float(np.median(norms)) / 2
     clean = evaluate_victims(np.asarray(_ig(model, params, ups, y).inputs), x)["psnr"]
-    clipped = observed_updates(ups, clip_norm=clip)
+    clipped = observe_victims(model, params, x, y, FEDSGD, clip_norm=clip,
+                              key=jax.random.key(8)).uploads
     np.testing.assert_array_less(np.asarray(per_client_l2_norms(clipped)), clip * 1.0001)
     cf_clipped = evaluate_victims(np.asarray(closed_form_attack(clipped, SHAPE).inputs), x)
     assert cf_clipped["exact_fraction"] == 1.0
-    noisy = observed_updates(ups, clip_norm=clip, noise_multiplier=0.05,
-                             key=jax.random.key(9))
+    noisy = observe_victims(model, params, x, y, FEDSGD, clip_norm=clip, noise_multiplier=0.05,
+                            key=jax.random.key(9)).uploads
     ig_noisy = evaluate_victims(np.asarray(_ig(model, params, noisy, y).inputs), x)["psnr"]
     cf_noisy = evaluate_victims(np.asarray(closed_form_attack(noisy, SHAPE).inputs), x)["psnr"]
     print(f"IG PSNR clean {clean:.1f} dB, noisy {ig_noisy:.1f} dB; closed form noisy "
@@ -176,11 +178,13 @@ def test_dp_noise_lowers_psnr_and_clipping_alone_does_not():
 
 
 def test_secure_aggregation_sum_is_a_big_batch():
-    """The sum of 8 batch-1 updates leaks far less than each update alone (closed form)."""
-    _, _, x, _, ups = _setup("mlp", 50, 1)
-    ups, x = jax.tree.map(lambda u: u[:8], ups), x[:8]
+    """The decoded secure sum of 8 batch-1 updates leaks far less than each update alone
+    (closed form)."""
+    model, params, x, y, ups = _setup("mlp", 50, 1)
+    ups, x, y = jax.tree.map(lambda u: u[:8], ups), x[:8], y[:8]
     alone = evaluate_victims(np.asarray(closed_form_attack(ups, SHAPE).inputs), x)["psnr"]
-    summed = observed_updates(ups, secure_aggregation=True)
+    summed = observe_victims(model, params, x, y, FEDSGD, secure_aggregation=True,
+                             key=jax.random.key(4)).uploads
     rec = closed_form_attack(summed, SHAPE, num_reconstructions=8)
     pooled = evaluate_victims(np.asarray(rec.inputs), np.asarray(x).reshape(1, 8, *SHAPE))
     assert alone > 60.0 and pooled["psnr"] < 25.0

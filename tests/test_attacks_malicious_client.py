@@ -18,6 +18,7 @@ def test_reference_setting_recovers_at_least_half_of_other_clients_examples():
           "predicted (equiprobable bins):", round(out["predicted_rate"], 3),
           "expected (realised bins):", round(out["expected_rate"], 3))
     assert out["num_examples"] == 60 and out["honest_clients"] == 15
+    assert out["installed_per_trial"] == [True, True, True]
     assert min(out["exact_fraction_per_trial"]) >= 0.5
     assert out["exact_fraction"] <= out["predicted_rate"] + 0.1
 

@@ -1,6 +1,7 @@
 """The defence sweep: every attack against clipping, DP noise, larger batches, more local
-steps and secure aggregation, as one table (used by ``scripts/attack_sweep.py`` and the
-notebook).
+steps and secure aggregation, and the malicious client against the server's norm bound and
+clipping, as one table (used by ``scripts/attack_sweep.py`` and the notebook). Every row
+runs on rounds of the simulator whose chain holds the defences (:mod:`.lab`).
 
 Each row is one (attack, setting) with the settings and the headline metrics: PSNR / SSIM
 / label accuracy for the optimisation and closed-form attacks, exact-recovery fraction
@@ -21,9 +22,9 @@ from typing import Any, Callable
 from fedjax_sim.attacks import lab
 
 COLUMNS = ("attack", "setting", "batch_size", "local_steps", "clip_norm", "noise_multiplier",
-           "secure_aggregation", "psnr", "ssim", "label_accuracy", "label_recovery_accuracy",
-           "exact_fraction",
-           "predicted_rate", "seconds")
+           "norm_bound", "secure_aggregation", "psnr", "ssim", "label_accuracy",
+           "label_recovery_accuracy", "exact_fraction", "installed_fraction", "predicted_rate",
+           "seconds")
 
 
 def _row(setting: str, result: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -96,6 +97,10 @@ def defence_sweep(*, seed: int = 0, num_victims: int = 8, steps: int = 200,
     if not small:
         record("float32 model", lab.run_malicious_client, seed=seed, trials=1,
                precision="float32")
+        # The boosted update's norm is ~1e9: a bound or clip far above honest norms stops it.
+        record("norm bound 100", lab.run_malicious_client, seed=seed, trials=1,
+               norm_bound=100.0)
+        record("clip 1000", lab.run_malicious_client, seed=seed, trials=1, clip_norm=1e3)
     return rows, images
 
 

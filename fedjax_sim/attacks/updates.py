@@ -10,12 +10,19 @@ examples are free variables, so a fixed order loses nothing in the first epoch; 
 several epochs the victim reshuffles with a key the attacker does not know, and the
 simulation is an approximation (as in Geiping et al. 2020, who assume the order known).
 
-Defences act on what the attacker sees (:func:`observed_updates`): per-client L2 clipping
-and Gaussian noise added on the client before upload (what protects individual updates
-from an honest-but-curious server; clipping is ``fedjax_sim.server.clipping.clip_cohort``,
-the noise is i.i.d. Gaussian on every coordinate as in ``fedjax_sim.server.noise``, drawn
-in one call for speed), and secure aggregation, under which the attacker sees only the
-cohort's sum (with central DP, one noise draw on that sum).
+What the attacker sees comes from one round of the simulator itself
+(:func:`observe_victims`): the victims are the population, the whole population is the
+cohort, and the defences are stages of the round's chain (:func:`defence_chain`):
+
+* per-client L2 clipping, ``fedjax_sim.server.clipping.clip_per_client``, and Gaussian
+  noise each client adds to its clipped upload before sending it
+  (:func:`local_gaussian_noise`, a ``CLIENT`` stage): what protects individual updates
+  from an honest-but-curious server, which keeps the uploads as sent
+  (:func:`fedjax_sim.attacks.capture.victim_capture`);
+* secure aggregation, ``fedjax_sim.secagg.secure_sum``: the server learns only the
+  decoded sum of a group of clients (the round's ``ServerView``); noise that protects
+  against that server is added by the clients as distributed discrete Gaussian shares
+  (central noise, added by the server after decoding, would not hide the sum from it).
 """
 
 from __future__ import annotations
@@ -23,21 +30,32 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from jax.flatten_util import ravel_pytree
 
-from fedjax_sim._validation import check_float, check_int, fail
+from fedjax_sim._validation import ConfigError, check_float, check_int, fail
+from fedjax_sim.algorithms import make_algorithm
+from fedjax_sim.attacks.capture import NAME as CAPTURED, victim_capture
 from fedjax_sim.client_update import ClientConfig, make_local_update
-from fedjax_sim.data.federated import ClientData
+from fedjax_sim.data.federated import ClientData, make_federated_data
 from fedjax_sim.models import Model
-from fedjax_sim.server.base import CohortUpdates, zero_masked
-from fedjax_sim.server.clipping import clip_cohort
+from fedjax_sim.rounds import make_round, split_round_key
+from fedjax_sim.sampling import FixedSizeSampler
+from fedjax_sim.secagg import SecureAggregation, secure_sum
+from fedjax_sim.server.base import (Chain, Stage, chain, client_positions, client_stage,
+                                    stage_key, zero_masked)
+from fedjax_sim.server.clipping import check_key, clip_per_client
+from fedjax_sim.server.noise import GaussianNoiseState, add_gaussian_noise
+from fedjax_sim.server.reducers import weighted_mean
 
 PyTree = Any
+
+SECURE_BITS = 32
+"""Ring bits of the lab's secure sum without noise (rounding error ~1e-8 of the sum)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,59 +175,230 @@ def _victim_updates_fn(model: Model, local: LocalTraining, batch: int):
     return jax.jit(run)
 
 
-def observed_updates(updates: PyTree, *, clip_norm: float | None = None,
-                     noise_multiplier: float = 0.0, secure_aggregation: bool = False,
-                     key: jax.Array | None = None) -> PyTree:
-    """What the attacker sees of the victims' updates under the chosen defences.
+def local_gaussian_noise(noise_multiplier: float, clip_norm: float, *,
+                         key: jax.Array) -> Stage:
+    """Each client adds ``N(0, (z S)^2)`` to every coordinate of its upload before sending.
 
-    Without secure aggregation, each client clips its update to L2 norm ``clip_norm`` and
-    adds ``N(0, (noise_multiplier * clip_norm)^2)`` per coordinate before upload (local
-    noise). With secure aggregation the attacker sees only the sum over the cohort; the
-    noise (central DP, ``noise_multiplier * clip_norm``) is drawn once on that sum.
+    Local DP against the party that receives the uploads (an honest-but-curious server):
+    after ``clip_per_client(S)`` one client's upload has L2 sensitivity ``2 S`` under
+    replacing its data, so each upload alone is a Gaussian mechanism with noise
+    multiplier ``z / 2`` (``z`` against sending nothing, sensitivity ``S``; Dwork & Roth
+    2014, Thm. A.1, composed over rounds by an accountant). The guarantee assumes the clipping
+    runs before this stage and that the noise key is secret; it is not read by the
+    privacy ledger (no mechanism is declared: the ledger accounts central noise on the
+    aggregate). Client ``c`` draws from ``fold_in(round key, id_c)``, as the compressors
+    of :mod:`fedjax_sim.server.compression` do, so its noise does not depend on its chunk,
+    position or cohort; the round key advances once per round.
 
     Args:
-      updates: ``[V, ...]`` per-client deltas.
-      clip_norm: per-client L2 bound; None = no clipping (then noise is not allowed).
-      noise_multiplier: noise std in units of ``clip_norm`` (0 = no noise).
-      secure_aggregation: whether the attacker sees only the sum.
-      key: PRNG key for the noise (required when ``noise_multiplier > 0``).
+      noise_multiplier: ``z >= 0``.
+      clip_norm: ``S > 0``, the bound of each upload (the clip norm before this stage).
+      key: PRNG key, kept in the state and split every round.
 
     Returns:
-      ``[V, ...]`` observed updates, or a ``[1, ...]`` sum under secure aggregation (a
-      single "victim" holding the whole cohort's examples).
+      A streaming ``CLIENT`` stage named ``"local_gaussian_noise"``.
+    """
+    z = check_float("noise_multiplier", noise_multiplier, min_value=0.0)
+    s = check_float("clip_norm", clip_norm, min_value=0.0, min_exclusive=True)
+    key = check_key("key", key)
+    std = z * s
+
+    def apply(cohort, state):
+        round_key, _ = stage_key(state.key)
+        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(round_key,
+                                                               client_positions(cohort))
+        noisy = jax.vmap(add_gaussian_noise, in_axes=(0, None, 0))(cohort.updates, std, keys)
+        return zero_masked(cohort._replace(updates=noisy))
+
+    return client_stage("local_gaussian_noise", apply,
+                        init=lambda upload: GaussianNoiseState(key),
+                        advance=lambda total, state: GaussianNoiseState(
+                            stage_key(state.key)[1]))
+
+
+def _secure_settings(clip_norm: float, noise_multiplier: float, dim: int,
+                     clients: int) -> SecureAggregation:
+    """The lab's secure sum: ``SECURE_BITS`` bits; with noise the most bits (down to 16)
+    whose local discrete Gaussian shares the int32 sampler draws exactly."""
+    noise = "ddg" if noise_multiplier > 0 else "none"
+
+    def settings(bits):
+        return SecureAggregation(bits=bits, clip_norm=clip_norm, dim=dim, capacity=clients,
+                                 expected_clients=clients, noise=noise,
+                                 noise_multiplier=noise_multiplier)
+
+    for bits in range(SECURE_BITS, 16, -1):
+        try:
+            return settings(bits)
+        except ConfigError:  # the shares too large for the sampler: fewer bits
+            if noise == "none":
+                raise
+    return settings(16)  # its one-line error names the field if even 16 bits fail
+
+
+def defence_chain(*, clip_norm: float | None, noise_multiplier: float,
+                  secure_aggregation: bool, clients: int, dim: int,
+                  key: jax.Array) -> Chain:
+    """The round's chain for the lab's defences (the simulator's own stages).
+
+    Without secure aggregation: ``[clip_per_client(S)] -> [local_gaussian_noise(z, S)] ->
+    weighted_mean()``; the server keeps each upload as sent. With it:
+    ``secure_sum`` (which clips to ``S`` itself) whose clients add distributed discrete
+    Gaussian shares summing to std ``z S`` when ``z > 0``.
+
+    Args:
+      clip_norm: ``S`` (needed with noise and with secure aggregation).
+      noise_multiplier: ``z >= 0``.
+      secure_aggregation: the server sees only the sum.
+      clients: the clients summed (the cohort), >= 2 under secure aggregation.
+      dim: coordinates of one upload.
+      key: PRNG key of the noise / the protocol.
+
+    Returns:
+      A complete :class:`~fedjax_sim.server.Chain`.
     """
     z = check_float("noise_multiplier", noise_multiplier, min_value=0.0)
     if clip_norm is not None:
         clip_norm = check_float("clip_norm", clip_norm, min_value=0.0, min_exclusive=True)
     if z > 0 and clip_norm is None:
         fail("clip_norm", None, "noise_multiplier > 0 needs a clip norm (noise is z * S)")
-    if z > 0 and key is None:
-        fail("key", None, "a PRNG key is required when noise_multiplier > 0")
-    if key is None:
-        key = jax.random.key(0)  # unused: no noise
-    fn = _observe_fn(clip_norm is not None, z > 0, bool(secure_aggregation))
-    return fn(updates, key, jnp.float32(clip_norm or 0.0), jnp.float32(z * (clip_norm or 0.0)))
+    key = check_key("key", key)
+    if secure_aggregation:
+        if clip_norm is None:
+            fail("clip_norm", None, "secure aggregation needs a clip norm (each update is "
+                 "clipped before it is scaled into the ring)")
+        if clients < 2:
+            fail("clients", clients, "secure aggregation sums at least 2 clients")
+        return chain(secure_sum(_secure_settings(clip_norm, z, dim, clients), key=key))
+    stages = [] if clip_norm is None else [clip_per_client(clip_norm)]
+    if z > 0:
+        stages.append(local_gaussian_noise(z, clip_norm, key=key))
+    return chain(*stages, weighted_mean())
 
 
-@functools.lru_cache(maxsize=8)
-def _observe_fn(clip: bool, noise: bool, secure_aggregation: bool):
-    """The jitted observation; the clip norm and noise std are traced (no recompiles)."""
+class Observed(NamedTuple):
+    """What the attacker saw of the victims in the engine round.
 
-    def observe(updates, key, clip_norm, noise_std):
-        num = jax.tree.leaves(updates)[0].shape[0]
-        if clip:
-            cohort = CohortUpdates(updates, jnp.ones((num,), jnp.float32),
-                                   jnp.ones((num,), bool))
-            updates = clip_cohort(zero_masked(cohort), clip_norm).updates
+    Attributes:
+      uploads: every leaf ``[V, ...]``, the victims' uploads as sent, in victim order; or
+        ``[G, ...]`` under secure aggregation, the decoded sum of each group of victims.
+      clean_norms: ``[V]`` float32 L2 norms of the victims' updates before any defence
+        (the round's per-client ``update_norm``), in victim order.
+      clip_norm: the clip norm the round used (under secure aggregation without a given
+        clip norm, a bound above every clean update: nothing is clipped); None: none.
+    """
+
+    uploads: PyTree
+    clean_norms: np.ndarray
+    clip_norm: float | None
+
+
+def _take(order: np.ndarray, leaf: jax.Array) -> np.ndarray:
+    return np.asarray(leaf)[order]
+
+
+def _norms(updates: PyTree) -> np.ndarray:
+    """``[V]`` L2 norms of stacked updates, on the host."""
+    leaves = [np.asarray(u, np.float64).reshape(np.shape(u)[0], -1)
+              for u in jax.tree.leaves(updates)]
+    return np.sqrt(sum(np.sum(np.square(u), axis=1) for u in leaves))
+
+
+def _population(x: Any, y: Any, num_classes: int):
+    x, y = np.asarray(x), np.asarray(y)
+    counts = np.full((y.shape[0],), y.shape[1], np.int32)
+    return make_federated_data(x, y.astype(np.int32), counts, num_classes=num_classes)
+
+
+@functools.lru_cache(maxsize=16)
+def _victim_round(model: Model, local: LocalTraining, clients: int, secure: bool,
+                  clip_norm: float | None, noise_multiplier: float, dim: int):
+    """The compiled round of :func:`observe_victims`, shared by calls with the same
+    settings (the chain's keys only seed its state, which each call sets)."""
+    stages = defence_chain(clip_norm=clip_norm, noise_multiplier=noise_multiplier,
+                           secure_aggregation=secure, clients=clients, dim=dim,
+                           key=jax.random.key(0))
+    algorithm = make_algorithm("fedavg", model, client_lr=local.learning_rate,
+                               local_epochs=local.local_epochs, batch_size=local.batch_size,
+                               weighting="uniform" if secure else "examples",
+                               aggregator=stages)
+    return make_round(algorithm, FixedSizeSampler(clients, clients), server_view=secure,
+                      observers=() if secure else [victim_capture(clients, [0])])
+
+
+def observe_victims(model: Model, params: PyTree, x: Any, y: Any, local: LocalTraining, *,
+                    clip_norm: float | None = None, noise_multiplier: float = 0.0,
+                    secure_aggregation: bool = False, group_size: int | None = None,
+                    key: jax.Array) -> Observed:
+    """One engine round over the victims under the chosen defences; what the server sees.
+
+    Threat model: an honest-but-curious server that runs the round as specified. Without
+    secure aggregation it keeps every upload as it arrives, after the clients' own stages
+    (clipping, local noise); the victims are the population and the cohort, and the
+    :func:`~fedjax_sim.attacks.capture.victim_capture` observer hands their uploads over,
+    mapped back to the victims by client id. With secure aggregation every consecutive
+    ``group_size`` victims form a cohort of their own (one round each, the same compiled
+    round) and the server learns only the group's decoded sum.
+
+    Args:
+      model: the victims' model.
+      params: the global params of the round.
+      x: ``[V, B, *example_shape]`` the victims' examples.
+      y: ``[V, B]`` integer labels.
+      local: the victims' local training (the round's FedAvg client).
+      clip_norm: per-client L2 clip norm; None: no clipping (under secure aggregation,
+        which must clip, a bound above every clean update).
+      noise_multiplier: Gaussian noise std in units of ``clip_norm``: local noise on each
+        upload, or distributed shares on each secure sum.
+      secure_aggregation: the server sees only sums.
+      group_size: victims per secure sum (default: all of them).
+      key: the round key (with several secure groups, group ``g``'s is ``fold_in(key,
+        g)``): victim ``v`` trains with ``fold_in(split_round_key(key)[1], v)``, as the
+        round's client ``v``; the defences' noise and protocol use ``fold_in(key, 0xb5)``.
+
+    Returns:
+      :class:`Observed`.
+    """
+    key = check_key("key", key)
+    num, batch = np.shape(y)
+    group = num if group_size is None or not secure_aggregation else check_int(
+        "group_size", group_size, min_value=1)
+    if num % group:
+        fail("group_size", group, f"must divide the {num} victims")
+    groups = num // group if secure_aggregation else 1
+    size = num // groups
+    round_keys = [key] if groups == 1 else [jax.random.fold_in(key, g) for g in range(groups)]
+    parts = [(np.asarray(x)[g * size:(g + 1) * size], np.asarray(y)[g * size:(g + 1) * size])
+             for g in range(groups)]
+    if secure_aggregation and clip_norm is None:  # a bound that clips nothing
+        top = max(float(np.max(_norms(victim_updates(
+            model, params, jnp.asarray(px), jnp.asarray(py), local,
+            key=split_round_key(k)[1])))) for (px, py), k in zip(parts, round_keys))
+        clip_norm = max(1.01 * top, float(np.finfo(np.float32).tiny))
+    dim = sum(math.prod(np.shape(p)) for p in jax.tree.leaves(params))
+    fr = _victim_round(model, local, size, bool(secure_aggregation), clip_norm,
+                       float(noise_multiplier), dim)
+    stages = defence_chain(clip_norm=clip_norm, noise_multiplier=noise_multiplier,
+                           secure_aggregation=secure_aggregation, clients=size, dim=dim,
+                           key=jax.random.fold_in(key, 0xb5))
+    state = fr.init(key, params)
+    state = state.replace(aggregator=stages.init(jax.tree.map(jnp.zeros_like, params)))
+    uploads, clean_norms = [], []
+    for (px, py), round_key in zip(parts, round_keys):
+        _, out = fr.step(state, _population(px, py, model.num_classes), round_key)
+        order = np.argsort(np.asarray(out.client_ids))  # population id = victim index
+        clean_norms.append(np.asarray(out.client_metrics["update_norm"])[order])
         if secure_aggregation:
-            updates = jax.tree.map(lambda u: jnp.sum(u, axis=0, keepdims=True), updates)
-            num = 1
-        if noise:  # i.i.d. N(0, std^2) on every coordinate of every client's update
-            flat, unravel = ravel_pytree(updates)
-            updates = unravel(flat + noise_std * jax.random.normal(key, flat.shape, flat.dtype))
-        return updates
-
-    return jax.jit(observe)
+            uploads.append(jax.tree.map(lambda t: np.asarray(t)[None], out.server_view.total))
+            continue
+        captured = out.observed[CAPTURED]
+        if not np.asarray(captured.present).all():
+            raise AssertionError("the capture missed a victim")
+        order = np.argsort(np.asarray(captured.client_ids))
+        uploads.append(jax.tree.map(functools.partial(_take, order), captured.uploads))
+    # Host-side reassembly (NumPy): no small device programs to compile.
+    uploads = jax.tree.map(lambda *u: jnp.asarray(np.concatenate(u)), *uploads)
+    return Observed(uploads, np.concatenate(clean_norms), clip_norm)
 
 
 def dense_layers(params: PyTree) -> list[tuple[str, jax.Array, jax.Array]]:
@@ -230,5 +419,6 @@ def dense_layers(params: PyTree) -> list[tuple[str, jax.Array, jax.Array]]:
     return [(k, params[k]["kernel"], params[k]["bias"]) for k in names]
 
 
-__all__ = ["LocalTraining", "dense_layers", "observed_updates", "simulate_update",
-           "soft_cross_entropy", "victim_updates"]
+__all__ = ["LocalTraining", "Observed", "SECURE_BITS", "defence_chain", "dense_layers",
+           "local_gaussian_noise", "observe_victims", "simulate_update", "soft_cross_entropy",
+           "victim_updates"]

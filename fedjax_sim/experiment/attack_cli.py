@@ -6,7 +6,12 @@ Examples::
   fedjax-sim attack inversion --attack closed_form --batch-size 8 --noise-multiplier 0.1 \\
       --clip-norm 0.1 --output out/
   fedjax-sim attack imprint --bins 256 --batch-size 64 --clients-per-aggregate 4 --output out/
+  fedjax-sim attack imprint --edges-from public --public-size 64 --output out/
   fedjax-sim attack malicious-client --bins 512 --cohort-size 16 --output out/
+  fedjax-sim attack malicious-client --norm-bound 100 --output out/
+
+Every attack runs on rounds of the simulator, and its defences are stages of the round's
+chain (``fedjax_sim.attacks.lab``).
 
 Each writes ``metrics.json`` and ``reconstructions.png`` (originals above reconstructions)
 into ``--output`` (when given) and prints one JSON line of the headline metrics. A bad
@@ -28,7 +33,9 @@ from fedjax_sim.experiment.flags import add_compile_cache_flag, add_field_flags
 from fedjax_sim.experiment.schema import option, section_fields
 
 HEADLINE = ("attack", "psnr", "ssim", "mse", "label_accuracy", "exact_fraction",
-            "predicted_rate", "expected_rate")
+            "installed_fraction", "predicted_rate", "expected_rate")
+PUBLIC_SIZE_HELP = ("public examples that set the bin edges; automatic: the whole public "
+                    "split (359)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +49,9 @@ class Defences:
                                           "whole client batch (FedSGD)", low=1, high=2**20)
     clip_norm: float | None = option(None, "per-client L2 clip norm; automatic: none",
                                      low=0.0, low_open=True, high=1e30)
-    noise_multiplier: float = option(0.0, "Gaussian noise std in units of clip_norm",
-                                     low=0.0, high=1e6)
+    noise_multiplier: float = option(0.0, "Gaussian noise std in units of clip_norm, added by "
+                                     "each client (under secure aggregation: shares of the "
+                                     "sum)", low=0.0, high=1e6)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +69,9 @@ class Inversion:
     restarts: int | None = option(None, "random restarts; automatic: the attack's default",
                                   low=1, high=10**3)
     secure_aggregation: bool = option(False, "the attacker sees only the victims' sum")
+    tv_weight: float | None = option(None, "Inverting Gradients' total-variation weight; "
+                                     "automatic: the attack's default (1e-3)", low=0.0,
+                                     high=1e6)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +87,7 @@ class Imprint:
     direction: str = option("random", "measurement direction", choices=("random", "mean"))
     edges_from: str = option("known", "where the bin edges come from",
                              choices=("known", "public", "gaussian"))
+    public_size: int | None = option(None, PUBLIC_SIZE_HELP, low=2, high=2**20)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +100,25 @@ class MaliciousClient:
     trials: int = option(3, "independent trials", low=1, high=10**4)
     learning_rate: float = option(0.1, "the round's learning rate", low=0.0,
                                   low_open=True, high=1e6)
-    precision: str = option("float64", "arithmetic of the read-off",
+    precision: str = option("float64", "arithmetic of the global model and the read-off",
                             choices=("float64", "float32"))
+    public_size: int | None = option(None, PUBLIC_SIZE_HELP, low=2, high=2**20)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerDefences:
+    """The server's defences against a malicious client: stages of its aggregation chain."""
+
+    clip_norm: float | None = option(None, "the server clips every upload to this L2 norm; "
+                                     "automatic: none", low=0.0, low_open=True, high=1e30)
+    norm_bound: float | None = option(None, "the server drops uploads above this L2 norm; "
+                                      "automatic: none", low=0.0, low_open=True, high=1e30)
+    noise_multiplier: float = option(0.0, "DP-FedAvg: Gaussian noise on the sum, std in "
+                                     "units of clip_norm", low=0.0, high=1e6)
 
 
 KINDS = {"inversion": (Inversion, Defences), "imprint": (Imprint, Defences),
-         "malicious-client": (MaliciousClient,)}
+         "malicious-client": (MaliciousClient, ServerDefences)}
 HELP = {"inversion": "honest server: DLG / Inverting Gradients / closed form",
         "imprint": "malicious server: Robbing the Fed imprint block",
         "malicious-client": "malicious client: model replacement installs an imprint"}

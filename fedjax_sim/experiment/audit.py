@@ -111,8 +111,9 @@ class AuditReporter(Reporter):
             "beta": BETA, "delta": self.delta, "epsilon_accountant": summary.get("epsilon"),
             **self.last,
             "methods": "estimate: Andrew et al., ICLR 2024 (one-shot, Gaussian fits to the "
-                       "inserted and held-out canaries' cosines, pooled spread); lower bound: Steinke, "
-                       "Nasr and Jagielski, NeurIPS 2023 (one run, beta = 0.05)",
+                       "inserted and held-out canaries' cosines, pooled spread); lower "
+                       "bound: Steinke, Nasr and Jagielski, NeurIPS 2023 (one run, "
+                       "beta = 0.05)",
             "caveat": "an estimate and a high-probability lower bound from this run's "
                       "canaries; neither certifies privacy (the accountant's epsilon is "
                       "the guarantee)"}

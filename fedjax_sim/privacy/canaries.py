@@ -11,9 +11,9 @@ movement along inserted and held-out directions (:mod:`fedjax_sim.privacy.auditi
 
 What this module guarantees: direction ``j`` is a pure function of ``(key, j)``
 (:func:`fedjax_sim.privacy.auditing.canary_direction`), so the client program and the
-host-side auditor draw the same vector without a table; canary clients' training metrics are excluded from the
-round's (their ``num_examples`` is 0) and their weight is 1 (every client counts 1 in
-DP-FedAvg's sum). Canaries change training by construction (they are clients); the
+host-side auditor draw the same vector without a table; canary clients' training
+metrics are excluded from the round's (their ``num_examples`` is 0) and their weight is 1
+(every client counts 1 in DP-FedAvg's sum). Canaries change training by construction (they are clients); the
 audit of a run is of that run, canaries included.
 """
 
