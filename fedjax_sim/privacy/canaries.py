@@ -13,8 +13,8 @@ What this module guarantees: direction ``j`` is a pure function of ``(key, j)``
 (:func:`fedjax_sim.privacy.auditing.canary_direction`), so the client program and the
 host-side auditor draw the same vector without a table; canary clients' training
 metrics are excluded from the round's (their ``num_examples`` is 0) and their weight is 1
-(every client counts 1 in DP-FedAvg's sum). Canaries change training by construction (they are clients); the
-audit of a run is of that run, canaries included.
+(every client counts 1 in DP-FedAvg's sum). Canaries change training by construction
+(they are clients); the audit of a run is of that run, canaries included.
 """
 
 from __future__ import annotations
