@@ -16,8 +16,8 @@ observer: observers take no keys from the round and return only metrics (and, wi
 Three optional parts serve the in-run attackers (:mod:`fedjax_sim.attacks.capture`):
 
 * ``sent=True``: ``partial`` receives the uploads as they leave the clients, after the
-  chain's client-side stages (clipping, quantisation, local noise), instead of as they
-  come out of the client program;
+  chain's client-side stages (clipping, quantisation, local noise; :func:`as_sent`),
+  instead of as they come out of the client program;
 * ``setup(ids, mask, round)``: once per round, before any chunk, from the cohort's ids,
   mask and the 0-based round number; ``partial`` then takes ``(chunk, context)``;
 * ``capture(summed partial)``: a pytree handed to the host in
@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import jax
 
-from fedjax_sim.server.base import CohortUpdates
+from fedjax_sim.server.base import Chain, CohortUpdates, StageKind, zero_masked
 
 PyTree = Any
 
@@ -63,4 +63,16 @@ class Observer:
         return self.partial(chunk) if self.setup is None else self.partial(chunk, context)
 
 
-__all__ = ["Observer"]
+def as_sent(chain: Chain, cohort: CohortUpdates, state: Any) -> CohortUpdates:
+    """The uploads as they leave the clients (what a server that sees each upload
+    receives): zero-masked and through the chain's ``CLIENT`` stages that run on the
+    clients (clipping, quantisation, local noise; not server-side checks such as a norm
+    filter). ``state``: the chain's state."""
+    cohort = zero_masked(cohort)
+    for s, st in zip(chain.pre, state):
+        if s.kind is StageKind.CLIENT and not s.server_side:
+            cohort = s.apply(cohort, st)
+    return cohort
+
+
+__all__ = ["Observer", "as_sent"]

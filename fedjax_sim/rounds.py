@@ -55,7 +55,7 @@ from fedjax_sim.comms import CommsCost, tree_bytes
 from fedjax_sim.cohort import (ClientOutput, cohort_updates, default_chunk_size, map_cohort,
                                map_reduce_cohort, mesh_size, pad_cohort)
 from fedjax_sim.data.federated import Population
-from fedjax_sim.observers import Observer
+from fedjax_sim.observers import Observer, as_sent
 from fedjax_sim.sampling import Sampler
 
 PyTree = Any
@@ -298,7 +298,7 @@ def make_round(algorithm: Algorithm, sampler: Sampler, *, chunk_size: int | None
                          for o in observers)
 
         def observe(chunk):
-            sent = (chain.client_side(chunk, state.aggregator)
+            sent = (as_sent(chain, chunk, state.aggregator)
                     if any(o.sent for o in observers) else None)
             return tuple(o.read(sent if o.sent else chunk, c)
                          for o, c in zip(observers, contexts))

@@ -2,6 +2,7 @@
 observing changes no model, and the attacks' figures land in metrics.jsonl, the summary
 and a PNG grid; behind secure aggregation it attacks only the sum."""
 
+import base64
 import json
 import os
 
@@ -20,6 +21,7 @@ from fedjax_sim.rounds import split_round_key
 from fedjax_sim.server.base import CohortUpdates, chain
 from fedjax_sim.server.clipping import clip_cohort, clip_per_client
 from fedjax_sim.server.reducers import weighted_mean
+from test_report import _check_page
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # Digits, one or two examples per client, FedSGD on a small MLP: what the lab attacks.
@@ -81,7 +83,15 @@ def test_the_capture_holds_each_victims_upload_as_sent_and_changes_nothing(small
 @pytest.mark.slow
 def test_a_run_reports_what_the_server_recovers_and_observing_changes_no_model(tmp_path):
     plain, watched, dp = (str(tmp_path / n) for n in ("plain", "watched", "dp"))
-    fs.run_experiment(fs.make_config(DIGITS), output_dir=plain, progress=False)
+    first = fs.run_experiment(fs.make_config(DIGITS), output_dir=plain, progress=False)
+    # Every run with an output folder writes its report (moved here from test_report.py:
+    # the page of a real run, its results against the summary, no leakage section).
+    page = _check_page(os.path.join(plain, "report.html"))
+    results = page.rows("results-table")
+    assert results["final test accuracy"] == [f"{first['test_accuracy']:.4f}"]
+    assert results["rounds"] == ["2 of 2"]
+    assert page.rows("config-data")["num_clients"] == ["1400"]
+    assert "leakage" not in page.ids and "poisoning" not in page.ids
     observe = dict(DIGITS, observe_rounds=(2,), victims=3, inversion_steps=40)
     summary = fs.run_experiment(fs.make_config(observe), output_dir=watched, progress=False)
     for a, b in zip(jax.tree.leaves(fs.load_params(plain)),
@@ -102,7 +112,11 @@ def test_a_run_reports_what_the_server_recovers_and_observing_changes_no_model(t
     assert block["observed_rounds"] == [2] and block["attacks"] == ["labels", "closed_form",
                                                                     "ig"]
     with open(os.path.join(watched, "leakage", "round_0002.png"), "rb") as f:
-        assert f.read(8) == PNG
+        grid = f.read()
+    assert grid[:8] == PNG
+    page = _check_page(os.path.join(watched, "report.html"))
+    assert "leakage" in page.ids
+    assert any(base64.b64decode(img["src"].split(",", 1)[1]) == grid for img in page.imgs)
     # Central DP noise is added after the server has each upload: clipping only rescales
     # it, and the closed form is scale-invariant, so the server recovers as much.
     guarded = dict(observe, aggregator="dp_fedavg", clip_norm=0.01, noise_multiplier=1.0,

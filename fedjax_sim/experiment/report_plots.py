@@ -64,7 +64,10 @@ def png(panels: Sequence[Panel], *, width: float = 5.2, height: float = 3.4,
         ax.grid(True, alpha=0.3)
         if panel.lines:
             ax.legend(fontsize=8)
-    fig.tight_layout()
+    # Fixed margins instead of tight_layout, which draws the figure once more (half the
+    # time of a report).
+    fig.subplots_adjust(left=0.12 / len(panels) + 0.02, right=0.98, bottom=0.15, top=0.9,
+                        wspace=0.3)
     buf = io.BytesIO()
     # No "Software" text chunk: the PNG then holds no matplotlib URL.
     fig.savefig(buf, format="png", metadata={"Software": None})

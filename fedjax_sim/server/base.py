@@ -13,36 +13,36 @@ kind           value in -> value out                  where it runs
 ``AGGREGATE``  aggregate -> aggregate                 on the server, on the aggregate
 =============  =====================================  =====================================
 
-:func:`chain` checks the order when it is built (``CLIENT``/``COHORT`` stages, then at
-most one ``REDUCE``, then ``AGGREGATE`` stages; a wrong order is a one-line
+:func:`chain` checks the order when it is built (``CLIENT``/``COHORT`` stages, then at most
+one ``REDUCE``, then ``AGGREGATE`` stages; a wrong order is a one-line
 :class:`~fedjax_sim.ConfigError`) and derives everything else from the kinds:
 
-* **Streaming.** A chain streams when its reducer has a streaming form (a sum over
-  clients: ``partial`` per chunk, ``finalize`` on the total) and every stage before it is
-  a ``CLIENT`` stage. The round then runs those stages and the partial sum inside each
-  chunk, so the cohort's stacked uploads ``[C, params]`` never exist. A ``COHORT`` stage
-  (an omniscient attack reading every honest upload) or a reducer that is no sum
-  (median, Krum, ...) needs the stacked cohort. Both paths compute the same aggregate:
-  the stacked path is the same ``partial`` on the whole cohort.
+* **Streaming.** A chain streams when its reducer has a streaming form (a sum over clients:
+  ``partial`` per chunk, ``finalize`` on the total) and every stage before it is a
+  ``CLIENT`` stage. The round then runs those stages and the partial sum inside each chunk,
+  so the cohort's stacked uploads ``[C, params]`` never exist. A ``COHORT`` stage (an
+  omniscient attack reading every honest upload) or a reducer that is no sum (median, Krum,
+  ...) needs the stacked cohort. Both paths compute the same aggregate: the stacked path is
+  the same ``partial`` on the whole cohort.
 * **Client stages with a per-round statistic** (adaptive clipping's count of unclipped
-  clients, clipping diagnostics, a compressor's key schedule): ``apply`` acts on each
-  client with the state read-only; ``stats`` is the stage's additive per-chunk statistic
-  and ``advance(total_stats, state)`` the new state, once per round. Randomness of a
-  client stage comes from the state's round key folded with the client's id, so a
-  client's encoding does not depend on its chunk, its position or the cohort size.
-* **What was aggregated.** The chain counts the clients still unmasked when they reach
-  the reducer (after filters such as :func:`~fedjax_sim.server.zero_above_norm`); the
-  round reports that count as ``num_aggregated``.
-* **Privacy.** A clipping stage declares its ``bound`` (a float, or ``bound_of(state)``
-  for adaptive clipping); a noise stage carries a typed ``mechanism``
+  clients, clipping diagnostics, a compressor's key schedule): ``apply`` acts on each client
+  with the state read-only; ``stats`` is the stage's additive per-chunk statistic and
+  ``advance(total_stats, state)`` the new state, once per round. Randomness of a client
+  stage comes from the state's round key folded with the client's id, so a client's encoding
+  does not depend on its chunk, its position or the cohort size.
+* **What was aggregated.** The chain counts the clients still unmasked when they reach the
+  reducer (after filters such as :func:`~fedjax_sim.server.zero_above_norm`); the round
+  reports that count as ``num_aggregated``.
+* **Privacy.** A clipping stage declares its ``bound`` (a float, or ``bound_of(state)`` for
+  adaptive clipping); a noise stage carries a typed ``mechanism``
   (:mod:`fedjax_sim.privacy.mechanisms`); a reducer declares whether it is a ``unit_sum``
   (every client counts 1, so the sum's sensitivity is the bound). The privacy ledger
   (:func:`fedjax_sim.privacy.ledger_for`) reads these from the chain that runs.
 
-Masked clients are zeroed once, when the cohort enters the chain (:func:`zero_masked`);
-a stage that drops clients (a norm filter) zeroes what it drops. The result of a chain
-is the aggregate in the clients' direction (for FedAvg a delta); the algorithm's server
-program applies it.
+Masked clients are zeroed once, when the cohort enters the chain (:func:`zero_masked`); a
+stage that drops clients (a norm filter) zeroes what it drops. The result of a chain is the
+aggregate in the clients' direction (for FedAvg a delta); the algorithm's server program
+applies it.
 """
 
 from __future__ import annotations
@@ -93,17 +93,17 @@ class Stage:
       kind: a :class:`StageKind`.
       init: ``params -> state``.
       apply: ``CLIENT``: ``(cohort, state) -> cohort`` (state read-only);
-        ``COHORT``/``AGGREGATE``: ``(value, state) -> (value, state)``; ``REDUCE``
-        without a streaming form: ``(cohort, state) -> (aggregate, state)``.
-      stats: ``CLIENT`` only, optional: ``(cohort, state) -> pytree``, an additive
-        per-round statistic of the stage's input (summed over chunks and devices).
-      advance: ``CLIENT`` only, optional: ``(total_stats, state) -> state``, once per
-        round (``total_stats`` is ``()`` without ``stats``).
+        ``COHORT``/``AGGREGATE``: ``(value, state) -> (value, state)``; ``REDUCE`` without a
+        streaming form: ``(cohort, state) -> (aggregate, state)``.
+      stats: ``CLIENT`` only, optional: ``(cohort, state) -> pytree``, an additive per-round
+        statistic of the stage's input (summed over chunks and devices).
+      advance: ``CLIENT`` only, optional: ``(total_stats, state) -> state``, once per round
+        (``total_stats`` is ``()`` without ``stats``).
       partial, finalize: a sum-type ``REDUCE``'s streaming form: ``(cohort, state) ->
         contribution`` and ``(total, state) -> (aggregate, state)``.
       bound: ``CLIENT``: the L2 bound of every client's upload after the stage (clipping,
-        norm filters; None if it bounds nothing); a float, or the string ``"state"`` when
-        it lives in the state (read it with ``bound_of``).
+        norm filters; None if it bounds nothing); a float, or the string ``"state"`` when it
+        lives in the state (read it with ``bound_of``).
       bound_of: ``state -> float32`` current bound, for a bound kept in the state.
       preserves_bound: ``CLIENT``/``COHORT``: the stage never raises a client's norm
         (clipping, norm filters, top-k), so a bound declared before it still holds.
@@ -111,21 +111,20 @@ class Stage:
       unit_sum: ``REDUCE``: every unmasked client enters the sum with weight 1.
       min_cohort: ``REDUCE``: the smallest cohort its guarantee holds for.
       setup: ``REDUCE`` with a protocol over the cohort (secure aggregation), optional:
-        ``(ids [C], sampled [C], state) -> roster``, once per round before any client
-        trains (the neighbour graph, who drops out). Such a reducer streams with
-        ``partial(chunk, state, roster)`` and ``finalize(total, state, roster, arrived)
-        -> (aggregate, state, Counts)``, where ``arrived [C]`` marks the sampled clients
-        whose upload was finite.
-      hides_clients: ``REDUCE``: the server learns only the reducer's output (a secure
-        sum), never one client's upload; the chain then rejects every stage that would
-        read uploads one by one on the server.
-      server_side: ``CLIENT``: the stage models a check the *server* makes on each upload
-        (a norm filter), so it cannot run behind a reducer that hides clients.
+        ``(ids [C], sampled [C], state) -> roster``, once per round before any client trains
+        (the neighbour graph, who drops out). Such a reducer streams with ``partial(chunk,
+        state, roster)`` and ``finalize(total, state, roster, arrived) -> (aggregate, state,
+        Counts)``, where ``arrived [C]`` marks the sampled clients whose upload was finite.
+      hides_clients: ``REDUCE``: the server learns only the reducer's output (a secure sum),
+        never one client's upload; the chain then rejects every stage that would read
+        uploads one by one on the server.
+      server_side: ``CLIENT``: the stage models a check the *server* makes on each upload (a
+        norm filter), so it cannot run behind a reducer that hides clients.
       metrics: optional ``state -> {name: scalar}``: the stage's diagnostics of the round
         just run (read from its new state), merged into the round's metrics.
       wire: ``CLIENT``/``REDUCE``, optional: ``leaf sizes of one upload ->``
-        :class:`~fedjax_sim.comms.Wire`, the bytes a client sends when the stage
-        re-encodes the upload (a quantiser, top-k, secure aggregation's ring elements).
+        :class:`~fedjax_sim.comms.Wire`, the bytes a client sends when the stage re-encodes
+        the upload (a quantiser, top-k, secure aggregation's ring elements).
     """
 
     name: str
@@ -432,17 +431,6 @@ class Chain:
         aggregate, post = self._run_post(reduced, state[i + 1:])
         out = (aggregate, tuple(new + [st] + post), count)
         return out + (reduced,) if with_view else out
-
-    def client_side(self, cohort: CohortUpdates, state: PyTree) -> CohortUpdates:
-        """The uploads as they leave the clients: ``cohort`` zero-masked and through the
-        ``CLIENT`` stages before the first server-side stage (what an honest-but-curious
-        server receives from each client when it sees every upload)."""
-        cohort = zero_masked(cohort)
-        for s, st in zip(self.pre, state):
-            if s.kind is not StageKind.CLIENT:
-                break
-            cohort = s.apply(cohort, st)
-        return cohort
 
     def partial(self, chunk: CohortUpdates, state: PyTree, roster: PyTree = None) -> PyTree:
         """Streaming path: one chunk's additive contribution (client stages run here)."""
