@@ -81,22 +81,20 @@ def test_the_capture_holds_each_victims_upload_as_sent_and_changes_nothing(small
 
 
 @pytest.mark.slow
-def test_a_run_reports_what_the_server_recovers_and_observing_changes_no_model(tmp_path):
-    plain, watched, dp = (str(tmp_path / n) for n in ("plain", "watched", "dp"))
-    first = fs.run_experiment(fs.make_config(DIGITS), output_dir=plain, progress=False)
-    # Every run with an output folder writes its report (moved here from test_report.py:
-    # the page of a real run, its results against the summary, no leakage section).
-    page = _check_page(os.path.join(plain, "report.html"))
-    results = page.rows("results-table")
-    assert results["final test accuracy"] == [f"{first['test_accuracy']:.4f}"]
-    assert results["rounds"] == ["2 of 2"]
-    assert page.rows("config-data")["num_clients"] == ["1400"]
-    assert "leakage" not in page.ids and "poisoning" not in page.ids
+def test_a_run_reports_what_the_server_recovers_and_its_report_shows_it(tmp_path):
+    # That observing changes no model is checked bit for bit in the round above (the run
+    # adds only host-side reporters, which read the round's outputs).
+    watched, dp = str(tmp_path / "watched"), str(tmp_path / "dp")
     observe = dict(DIGITS, observe_rounds=(2,), victims=3, inversion_steps=40)
     summary = fs.run_experiment(fs.make_config(observe), output_dir=watched, progress=False)
-    for a, b in zip(jax.tree.leaves(fs.load_params(plain)),
-                    jax.tree.leaves(fs.load_params(watched))):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Every run with an output folder writes its report: the page of a real run, its
+    # results against the summary (moved here from test_report.py).
+    page = _check_page(os.path.join(watched, "report.html"))
+    results = page.rows("results-table")
+    assert results["final test accuracy"] == [f"{summary['test_accuracy']:.4f}"]
+    assert results["rounds"] == ["2 of 2"]
+    assert page.rows("config-data")["num_clients"] == ["1400"]
+    assert "leakage" in page.ids and "poisoning" not in page.ids
     rows = _rows(watched)
     assert not any(k.startswith("leak_") for k in rows[0])
     leak = {k: v for k, v in rows[1].items() if k.startswith("leak_")}
@@ -114,8 +112,6 @@ def test_a_run_reports_what_the_server_recovers_and_observing_changes_no_model(t
     with open(os.path.join(watched, "leakage", "round_0002.png"), "rb") as f:
         grid = f.read()
     assert grid[:8] == PNG
-    page = _check_page(os.path.join(watched, "report.html"))
-    assert "leakage" in page.ids
     assert any(base64.b64decode(img["src"].split(",", 1)[1]) == grid for img in page.imgs)
     # Central DP noise is added after the server has each upload: clipping only rescales
     # it, and the closed form is scale-invariant, so the server recovers as much.
