@@ -213,7 +213,10 @@ class LeakageReporter(Reporter):
         return np.isin(ids, self.canary_ids)
 
     def _truth(self, run, ids: np.ndarray) -> Truth:
-        data = self._gather(run.experiment.data.population, jax.numpy.asarray(ids))
+        """The data of ``ids`` (a fixed-length array per run, ``-1`` allowed: the gather
+        compiles once, whoever was sampled)."""
+        safe = jax.numpy.asarray(np.maximum(ids, 0), jax.numpy.int32)
+        data = self._gather(run.experiment.data.population, safe)
         return Truth(np.asarray(data.x), np.asarray(data.y), np.asarray(data.mask, bool))
 
     def round(self, run, r, state, metrics, row):
@@ -224,26 +227,23 @@ class LeakageReporter(Reporter):
         if self.hides:
             view = out.server_view
             ids = np.asarray(out.client_ids)
-            truth = self._truth(run, ids[(ids >= 0) & ~self._canary(ids)])
-            truth = Truth(truth.x[truth.mask][None], truth.y[truth.mask][None],
-                          np.ones((1, int(truth.mask.sum())), bool))
+            truth = self._truth(run, ids)
+            # The cohort's real examples, canaries' left out (their uploads hold no data).
+            mask = truth.mask & ((ids >= 0) & ~self._canary(ids))[:, None]
+            truth = Truth(truth.x[mask][None], truth.y[mask][None],
+                          np.ones((1, int(mask.sum())), bool))
             leak = attack_secure_sum(self.model, params, view.total, int(view.count),
                                      truth, self.attack, probe_x=self.probe)
         else:
             cap = jax.device_get(out.observed[CAPTURE])
-            present = np.asarray(cap.present, bool)
-            if not present.any():
-                row["leak_victims"] = 0
-                return
-            uploads = jax.tree.map(lambda u: u[present], cap.uploads)
-            truth = self._truth(run, np.asarray(cap.client_ids)[present])
+            ids = np.asarray(cap.client_ids)
+            truth = self._truth(run, ids)
             # A client without examples leaks nothing; a canary's upload holds no data.
-            keep = truth.mask.any(axis=1) & ~self._canary(
-                np.asarray(cap.client_ids)[present])
+            keep = np.asarray(cap.present, bool) & truth.mask.any(axis=1) & ~self._canary(ids)
             if not keep.any():
                 row["leak_victims"] = 0
                 return
-            uploads = jax.tree.map(lambda u: u[keep], uploads)
+            uploads = jax.tree.map(lambda u: u[keep], cap.uploads)
             truth = Truth(truth.x[keep], truth.y[keep], truth.mask[keep])
             leak = attack_uploads(self.model, params, uploads, truth, self.attack,
                                   probe_x=self.probe, key=key)
