@@ -20,8 +20,8 @@ Three optional parts serve the in-run attackers (:mod:`fedjax_sim.attacks.captur
   instead of as they come out of the client program;
 * ``setup(ids, mask, round)``: once per round, before any chunk, from the cohort's ids,
   mask and the 0-based round number; ``partial`` then takes ``(chunk, context)``;
-* ``capture(summed partial)``: a pytree handed to the host in
-  ``RoundOutput.observed[name]`` (e.g. the victims' uploads).
+* ``capture(summed partial, aggregate)``: a pytree handed to the host in
+  ``RoundOutput.observed[name]`` (e.g. the victims' uploads, or the round's aggregate).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Observer:
         round's metrics.
       sent: ``partial`` sees the uploads after the chain's client-side stages.
       setup: ``(ids, mask, round) -> context``, or None.
-      capture: ``summed partial -> pytree`` for the host, or None.
+      capture: ``(summed partial, aggregate) -> pytree`` for the host, or None.
     """
 
     name: str
@@ -55,7 +55,7 @@ class Observer:
     finalize: Callable[[PyTree, PyTree], dict[str, jax.Array]]
     sent: bool = False
     setup: Callable[[jax.Array, jax.Array, jax.Array], PyTree] | None = None
-    capture: Callable[[PyTree], PyTree] | None = None
+    capture: Callable[[PyTree, PyTree], PyTree] | None = None
 
     def read(self, chunk: CohortUpdates, context: PyTree) -> PyTree:
         """The observer's partial of ``chunk`` (with the round's context when it has a

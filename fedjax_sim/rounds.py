@@ -292,7 +292,9 @@ def make_round(algorithm: Algorithm, sampler: Sampler, *, chunk_size: int | None
         ids = jnp.where(mask, ids, -1)
         keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(ids)
         states = jax.tree.map(lambda s: s[jnp.where(mask, ids, 0)], state.client_states)
-        message = server.broadcast(state.params, state.server)
+        sent = (state.params if server.sends is None
+                else server.sends(state.params, state.server, state.round))
+        message = server.broadcast(sent, state.server)
         roster = chain.setup(ids, mask, state.aggregator)
         contexts = tuple(o.setup(ids, mask, state.round) if o.setup else None
                          for o in observers)
@@ -352,7 +354,7 @@ def make_round(algorithm: Algorithm, sampler: Sampler, *, chunk_size: int | None
         for observer, total in zip(observers, observed):
             metrics.update(observer.finalize(total, aggregate))
             if observer.capture is not None:
-                captured[observer.name] = observer.capture(total)
+                captured[observer.name] = observer.capture(total, aggregate)
         metrics.update(chain.metrics(aggregator))
         new_state = ServerState(params=params, server=server_state, aggregator=aggregator,
                                 client_states=client_states, round=state.round + 1)

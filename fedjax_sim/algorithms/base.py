@@ -96,6 +96,9 @@ class ServerProgram:
       broadcast: ``(params, state) -> message`` every sampled client receives.
       aggregator: the typed chain that turns the cohort's uploads into an aggregate.
       apply: ``(params, state, aggregate, RoundInfo) -> (params, state)``.
+      sends: ``(params, state, round) -> params`` the server sends in round ``round``
+        (0-based) in place of its own, or None: it sends its own (every honest server). The
+        seam of a malicious server (:func:`fedjax_sim.attacks.malicious_server.spy_server`).
     """
 
     init_params: Callable[[jax.Array], PyTree]
@@ -103,6 +106,7 @@ class ServerProgram:
     broadcast: Callable[[PyTree, PyTree], PyTree]
     aggregator: Chain
     apply: Callable[[PyTree, PyTree, PyTree, RoundInfo], tuple[PyTree, PyTree]]
+    sends: Callable[[PyTree, PyTree, Any], PyTree] | None = None
 
     def __post_init__(self):
         if not isinstance(self.aggregator, (Chain, Stage)):

@@ -29,6 +29,7 @@ from fedjax_sim.server.base import CohortUpdates
 PyTree = Any
 
 NAME = "victims"
+AGGREGATE = "aggregate"
 
 
 class Captured(NamedTuple):
@@ -91,11 +92,28 @@ def victim_capture(num_victims: int, rounds: Sequence[int]) -> Observer:
     def finalize(total, aggregate):
         return {}
 
-    def capture(total):
+    def capture(total, aggregate):
         uploads, weights, found, count = total
         return Captured(uploads, weights, found, count > 0)
 
     return Observer(NAME, partial, finalize, sent=True, setup=setup, capture=capture)
 
 
-__all__ = ["Captured", "NAME", "pick_victims", "victim_capture"]
+def aggregate_capture(name: str = AGGREGATE) -> Observer:
+    """The observer that hands the round's aggregate (what the server applies: the
+    chain's output, central noise included; behind secure aggregation computed from the
+    decoded sum only) to the host in ``RoundOutput.observed[name]``. A malicious server
+    reads its spy rounds off it (:mod:`fedjax_sim.attacks.malicious_server`). It adds
+    nothing to the reduction."""
+
+    def partial(chunk: CohortUpdates):
+        return ()
+
+    def finalize(total, aggregate):
+        return {}
+
+    return Observer(name, partial, finalize, capture=lambda total, aggregate: aggregate)
+
+
+__all__ = ["AGGREGATE", "Captured", "NAME", "aggregate_capture", "pick_victims",
+           "victim_capture"]

@@ -11,11 +11,12 @@
     chain = [adversary stage] + server chain (compress, filter, clip, reducer, noise;
             with secure aggregation: secure sum, then the aggregator's noise/division)
     algorithm = algorithm registry (cfg.algorithm, model, chain), wrapped by the adversary,
-                then by the auditing canaries
+                then by the auditing canaries, then by the active attackers (a
+                malicious server's spy rounds, a malicious client)
     ledger = ledger_for(chain, sampler.spec)                   read from what runs
     round = make_round(algorithm, sampler, engine settings, observers: the adversary's
-            diagnostics, the honest server's victim capture; behind secure
-            aggregation the server view)
+            diagnostics, the honest server's victim capture, the malicious
+            server's aggregate; behind secure aggregation the server view)
 
 Nothing here runs inside the round, and the library never imports this module.
 """
@@ -29,7 +30,7 @@ import jax
 import math
 
 from fedjax_sim.algorithms.base import Algorithm
-from fedjax_sim.attacks.capture import victim_capture
+from fedjax_sim.attacks.capture import aggregate_capture, victim_capture
 from fedjax_sim.cohort import mesh_for
 from fedjax_sim.experiment.algorithms import build_algorithm, resolved_weighting
 from fedjax_sim.experiment.attacks import AdversaryPlan, AttackContext, build_adversary
@@ -37,6 +38,7 @@ from fedjax_sim.experiment.config import ExperimentConfig
 from fedjax_sim.experiment.audit import with_canaries
 from fedjax_sim.experiment.data import ExperimentData, build_data
 from fedjax_sim.experiment.leakage import observed_rounds
+from fedjax_sim.experiment.malicious import MaliciousPlan, with_malicious
 from fedjax_sim.experiment.models import build_model
 from fedjax_sim.experiment.sampling import build_sampler
 from fedjax_sim.experiment.server import (PrivacyPlan, build_chain, calibrated,
@@ -66,6 +68,7 @@ class Experiment:
       round: the compiled-once round.
       key: the run's base PRNG key.
       canaries: the auditing canaries (None without them).
+      malicious: the active attackers (None without them).
     """
 
     cfg: ExperimentConfig
@@ -79,11 +82,19 @@ class Experiment:
     round: FederatedRound
     key: jax.Array
     canaries: Canaries | None = None
+    malicious: MaliciousPlan | None = None
 
     @property
     def num_params(self) -> int:
         shapes = jax.eval_shape(self.algorithm.server.init_params, self.key)
         return int(sum(math.prod(s.shape) for s in jax.tree.leaves(shapes)))
+
+
+def run_keys(base_key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(init key, rounds key)`` of a run; round ``r`` steps with
+    ``fold_in(rounds key, r)``."""
+    init_key, rounds_key = jax.random.split(base_key)
+    return init_key, rounds_key
 
 
 def assemble(cfg: ExperimentConfig) -> Experiment:
@@ -113,6 +124,9 @@ def assemble(cfg: ExperimentConfig) -> Experiment:
     if adversary.wrap is not None:
         algorithm = algorithm.with_client(adversary.wrap(algorithm.client))
     algorithm, canaries = with_canaries(cfg, algorithm, base_key, pop.num_clients)
+    algorithm, malicious = with_malicious(
+        cfg, algorithm, data, model, sampler, base_key, run_keys(base_key)[1],
+        None if canaries is None else canaries.client_ids)
     ledger = None
     if plan.dp:  # The ledger reads the chain that runs, not the config's numbers.
         ledger = ledger_for(server_chain, sampler.spec, accountant=cfg.server.accountant,
@@ -125,11 +139,13 @@ def assemble(cfg: ExperimentConfig) -> Experiment:
     observed = observed_rounds(cfg)
     if observed and not server_chain.hides_clients:  # the server keeps victims' uploads
         observers.append(victim_capture(cfg.leakage.victims, observed))
+    if malicious is not None and malicious.spy_rounds:  # the malicious server reads it
+        observers.append(aggregate_capture())
     fed_round = make_round(algorithm, sampler, chunk_size=cfg.engine.chunk_size,
                            mesh=mesh_for(cfg.engine.num_devices), observers=observers,
                            server_view=bool(observed) and server_chain.hides_clients)
     return Experiment(cfg, data, model, sampler, plan, adversary, algorithm, ledger,
-                      fed_round, base_key, canaries)
+                      fed_round, base_key, canaries, malicious)
 
 
-__all__ = ["Experiment", "assemble"]
+__all__ = ["Experiment", "assemble", "run_keys"]

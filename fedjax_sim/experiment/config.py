@@ -267,6 +267,20 @@ class LeakageConfig(_Section):
                                      high=1024)
     tv_weight: float = option(1e-3, "total-variation weight of the inversion (images)",
                               low=0.0, high=1e6)
+    imprint_rounds: tuple[int, ...] | None = option(
+        None, "rounds (1-based) in which a malicious server sends an imprinted copy of "
+        "the model, reads the cohort's examples off the aggregate (or secure sum) and "
+        "discards the round; automatic: none")
+    imprint_bins: int = option(64, "bins of the malicious server's imprint (units of the "
+                               "first hidden layer)", low=2, high=2**20)
+    malicious_client_round: int | None = option(
+        None, "round (1-based) in which a malicious client first sampled then installs an "
+        "imprint by model replacement, reading the next round's clients off two global "
+        "models; automatic: none", low=1, high=10**8)
+    malicious_bins: int = option(16, "bins of the malicious client's imprint", low=2,
+                                 high=2**20)
+    imprint_public: int = option(256, "held-out examples the active attackers set their "
+                                 "bins from (their auxiliary data)", low=2, high=10**8)
     canaries: int = option(0, "canary clients for empirical privacy auditing (needs DP "
                            "noise; each is inserted with probability 1/2); 0: none",
                            low=0, high=10**6)
@@ -447,6 +461,7 @@ def check_config(cfg: ExperimentConfig) -> None:
     # The [leakage] rules read the server section's privacy plan, whose module imports
     # this one: imported on use, as the families' modules are (registry.family).
     importlib.import_module("fedjax_sim.experiment.leakage").check_leakage(cfg)
+    importlib.import_module("fedjax_sim.experiment.malicious").check_malicious(cfg)
     check_output(cfg.output)
 
 

@@ -1,16 +1,19 @@
 """The HTML report of a run folder, and a side-by-side comparison of several runs.
 
 :func:`write_report` reads what ``fedjax-sim run --output DIR`` wrote (``metrics.jsonl``,
-``summary.json`` and the reconstruction grids ``leakage/round_NNNN.png``) and writes one
-self-contained page, ``DIR/report.html``: inline CSS, plots and grids embedded as base64
-PNG, no script and no external resource, so it opens offline. The page holds
+``summary.json`` and the reconstruction grids ``leakage/[imprint_|mclient_]round_NNNN.png``)
+and writes one self-contained page, ``DIR/report.html``: inline CSS, plots and grids
+embedded as base64 PNG, no script and no external resource, so it opens offline. The page
+holds
 
 * the run's status and key results (final accuracy, epsilon, canary estimate, bytes);
 * accuracy: test and train accuracy and the losses per round;
 * privacy: the privacy statement, the accountant's epsilon per round against the canary
   estimates (``epsilon_estimate*``) and the lower bound when the run audited itself, the
   ``audit`` block, and what the server sees;
-* leakage: the ``leak_*`` metrics of each observed round and the reconstruction grids;
+* leakage: the ``leak_*`` metrics of each observed round (the honest-but-curious server's,
+  the malicious server's ``leak_imprint_*`` and the malicious client's ``leak_mclient_*``)
+  and the reconstruction grids, captioned by attacker;
 * communication: cumulative bytes up and down per round and the totals;
 * secure aggregation: the ``secagg_*`` diagnostics per round;
 * poisoning (runs with an attack): backdoor success and the poisoning diagnostics;
@@ -46,7 +49,8 @@ LOWER_BOUND = "epsilon_lower_bound"
 POISONING = ("backdoor_success", "num_malicious", "honest_cosine", "honest_inner_product",
              "honest_update_norm", "malicious_update_norm")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_GRID = re.compile(r"round_(\d+)\.png")
+_GRID = re.compile(r"(?:(imprint|mclient)_)?round_(\d+)\.png")
+_ATTACKER = {None: "", "imprint": "malicious server", "mclient": "malicious client"}
 
 
 class Run(NamedTuple):
@@ -55,7 +59,7 @@ class Run(NamedTuple):
     path: str
     rows: list[dict[str, Any]]
     summary: dict[str, Any]
-    grids: list[tuple[int, bytes]]  # (round, PNG bytes), by round
+    grids: list[tuple[int, str, bytes]]  # (round, attacker, PNG bytes), by round
     skipped: list[str]  # files in leakage/ named like a grid that are not PNGs
 
     @property
@@ -115,7 +119,7 @@ def load_run(run_dir: Any) -> Run:
         with open(os.path.join(folder, name), "rb") as f:
             png = f.read()
         if png.startswith(PNG_SIGNATURE):
-            grids.append((int(match.group(1)), png))
+            grids.append((int(match.group(2)), _ATTACKER[match.group(1)], png))
         else:
             skipped.append(name)
     return Run(run_dir, rows, summary, sorted(grids, key=lambda g: g[0]), skipped)
@@ -272,7 +276,10 @@ def _privacy_section(run: Run) -> str:
 
 def _leakage_section(run: Run) -> str:
     keys, block = _keys(run.rows, LEAK_PREFIX), _dict(run.summary, "leakage")
-    if not (keys or run.grids or block or run.skipped):
+    active = {who: {k: v for k, v in part.items() if k != "rounds"}
+              for who, part in _dict(run.summary, "malicious").items()
+              if isinstance(part, dict)}
+    if not (keys or run.grids or block or active or run.skipped):
         return ""
     parts = []
     if keys:
@@ -282,6 +289,8 @@ def _leakage_section(run: Run) -> str:
         parts.append(rp.table(["round", *keys], observed, "leakage-table"))
     if block:
         parts.append(rp.table(None, _kv(block), "leakage-summary"))
+    if active:
+        parts.append(rp.table(None, _kv(active), "malicious-summary"))
     parts.append(rp.grids(run.grids))
     if run.skipped:
         skipped = rp.escape(", ".join(run.skipped))

@@ -160,10 +160,13 @@ def plot(plot_id: str, panels: Sequence[Panel]) -> str:
             + img(data, "; ".join(p.title for p in panels)) + "</figure>")
 
 
-def grids(images: Sequence[tuple[int, bytes]]) -> str:
-    """The leakage reconstruction grids ``(round, PNG bytes)``, captioned by round."""
-    figures = "".join(f"<figure>{img(data, f'reconstruction, round {r}')}"
-                      f"<figcaption>round {r}</figcaption></figure>" for r, data in images)
+def grids(images: Sequence[tuple[int, str, bytes]]) -> str:
+    """The leakage reconstruction grids ``(round, attacker, PNG bytes)``, captioned by
+    round and attacker (empty: the honest-but-curious server)."""
+    figures = "".join(
+        f"<figure>{img(data, f'reconstruction, round {r}' + (f', {who}' if who else ''))}"
+        f"<figcaption>round {r}{f', {escape(who)}' if who else ''}</figcaption></figure>"
+        for r, who, data in images)
     return f'<div class="grids">{figures}</div>' if figures else ""
 
 

@@ -38,11 +38,12 @@ from typing import Any, Callable
 import jax
 
 from fedjax_sim._validation import fail
-from fedjax_sim.experiment.assemble import Experiment, assemble
+from fedjax_sim.experiment.assemble import Experiment, assemble, run_keys
 from fedjax_sim.experiment.checkpoint import RunCheckpoints, config_differences, save_params
 from fedjax_sim.experiment.audit import AuditReporter
 from fedjax_sim.experiment.config import ExperimentConfig
 from fedjax_sim.experiment.leakage import LeakageReporter, observed_rounds
+from fedjax_sim.experiment.malicious import MaliciousReporter
 from fedjax_sim.experiment.outputs import (CHECKPOINTS, METRICS, SUMMARY, dumps,
                                            prepare_output, truncate_rows)
 from fedjax_sim.experiment.provenance import provenance
@@ -87,6 +88,8 @@ def default_reporters(run: Run, *, output_dir: str | None, progress: bool,
     reporters += [ClipReporter(), CommsReporter(run), ServerViewReporter(run)]
     if observed_rounds(cfg):
         reporters.append(LeakageReporter(run, output_dir))
+    if run.experiment.malicious is not None:
+        reporters.append(MaliciousReporter(run, output_dir))
     reporters.append(JsonLinesReporter(output_dir, append=append))
     if on_round is not None:
         reporters.append(CallbackReporter(on_round))
@@ -155,7 +158,7 @@ def run_experiment(cfg: ExperimentConfig, *, output_dir: str | None = None,
     if not exp.round.streaming:
         print(f"note: the server chain does not stream ({exp.round.why_stacked}): each "
               "round holds the cohort's uploads at once", file=sys.stderr)
-    init_key, rounds_key = jax.random.split(exp.key)
+    init_key, rounds_key = run_keys(exp.key)
     state = exp.round.init(init_key)
     rows: list[dict[str, Any]] = []
     if cfg.output.resume:
