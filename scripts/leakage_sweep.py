@@ -14,8 +14,16 @@ The cost of observing is measured in the same process, interleaved (A B A B): th
 run with and without the attacker, the steady round time (the capture observer's share
 inside the jitted round) and the wall time per observed round (the attacks on the host).
 
+``--active`` measures the active attackers inside the run instead (``"active"`` rows):
+the malicious server's imprint in every round of a FedSGD run (``imprint_rounds``; the
+cohort's examples read off the aggregate) against no defence, clipping, DP-FedAvg, secure
+aggregation and several local steps, each with the recovered fraction beside the closed
+form ``(1 - 1/k)^(n-1)``; and the malicious client (``malicious_client_round``) over
+several seeds against no defence, a norm bound and DP-FedAvg, with how often it installed.
+
     python scripts/leakage_sweep.py --plot leakage_sweep.png --csv leakage_sweep.csv
-    python scripts/leakage_sweep.py --small          # a quick look (also what CI runs)
+    python scripts/leakage_sweep.py --active > active.json
+    python scripts/leakage_sweep.py --small          # a quick look
 """
 
 from __future__ import annotations
@@ -106,6 +114,61 @@ def observing_cost(args) -> dict:
                               zip(runs["unobserved"], runs["observed"])]}
 
 
+ACTIVE_KEYS = ("recovered", "expected", "psnr", "ssim", "examples")
+
+
+def active_settings(small: bool) -> list[tuple[str, str, dict]]:
+    """``(attacker, label, overrides)`` of the active-attacker rows."""
+    clip = {"clip_norm": 0.5}
+    defences = [("no defence", {}), ("clipping (C=0.5)", clip),
+                ("DP-FedAvg z=1", dict(clip, aggregator="dp_fedavg", noise_multiplier=1.0)),
+                ("secure aggregation", dict(clip, secure_aggregation=True)),
+                ("FedAvg, 4 examples per client, batch 2",
+                 {"algorithm": "fedavg", "num_clients": 350, "batch_size": 2,
+                  "client_lr": 0.5})]
+    out = []
+    for bins in ((64,) if small else (64, 256)):
+        for label, overrides in (defences[:2] if small else defences):
+            out.append(("server", f"{label}, k={bins}", dict(overrides, imprint_bins=bins)))
+    for label, overrides in (defences[:1] if small else defences[:3]):
+        if "clip_norm" in overrides and "aggregator" not in overrides:
+            label, overrides = "norm bound 10", {"norm_bound": 10.0}
+        out.append(("client", label, overrides))
+    return out
+
+
+def active_rows(args) -> list[dict]:
+    """Each setting's mean over its attacked rounds (the server: every round of a run;
+    the client: one install per seed)."""
+    base = {"data": "digits", "partition": "iid", "num_clients": 1400, "model": "mlp",
+            "hidden": (256, 64), "algorithm": "fedsgd", "cohort_size": args.cohort}
+    seeds = range(args.seed, args.seed + (1 if args.small else 5))
+    rows = []
+    for attacker, label, overrides in active_settings(args.small):
+        found = []
+        for seed in ([args.seed] if attacker == "server" else seeds):
+            if attacker == "server":
+                extra = {"rounds": args.active_rounds,
+                         "imprint_rounds": tuple(range(1, args.active_rounds + 1))}
+            else:
+                extra = {"rounds": 3, "malicious_client_round": 2, "malicious_bins": 64,
+                         "weighting": "uniform"}
+            cfg = fs.make_config(dict(base, seed=seed, **overrides, **extra))
+            with tempfile.TemporaryDirectory() as out:
+                summary = fs.run_experiment(cfg, output_dir=out, progress=False)
+            found += summary["malicious"][attacker]["rounds"]
+        prefix = "leak_imprint_" if attacker == "server" else "leak_mclient_"
+        row = {"attacker": attacker, "setting": label, "attacked_rounds": len(found)}
+        for key in ACTIVE_KEYS:
+            values = [r[prefix + key] for r in found if r.get(prefix + key) is not None]
+            row[key] = statistics.fmean(values) if values else None
+        if attacker == "client":
+            row["installed"] = statistics.fmean(float(r["leak_mclient_installed"])
+                                                for r in found)
+        rows.append(row)
+    return rows
+
+
 def plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -152,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None,
                    help="A/B pairs of the observing cost (default 3; --small: 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--active", action="store_true", help="measure the malicious server "
+                   "and the malicious client in the run instead")
+    p.add_argument("--active-rounds", type=int, default=None,
+                   help="spy rounds per malicious-server run (default 10; --small: 2)")
     p.add_argument("--csv", help="also write the rows as CSV")
     p.add_argument("--plot", help="write the plot (PNG)")
     p.add_argument("--cores", default="0", help="(read by _cpu_setup) pin to N cores")
@@ -161,10 +228,22 @@ def main(argv: list[str] | None = None) -> int:
     args.rounds = args.rounds or (3 if args.small else 20)
     args.inversion_steps = args.inversion_steps or (40 if args.small else 300)
     args.repeats = args.repeats or (1 if args.small else 3)
-    for name in ("rounds", "cohort", "victims", "inversion_steps", "repeats"):
+    args.active_rounds = args.active_rounds or (2 if args.small else 10)
+    for name in ("rounds", "cohort", "victims", "inversion_steps", "repeats",
+                 "active_rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
     cache = compile_cache(args)
+    import jax
+
+    record = {**device_record(), "compile_cache": cache, "jax": jax.__version__,
+              "fedjax_sim": fs.__version__, "python": platform.python_version(),
+              "cpu": platform.processor() or platform.machine(),
+              "date": time.strftime("%Y-%m-%d")}
+    if args.active:
+        print(json.dumps({"active": active_rows(args), "cohort": args.cohort, **record},
+                         indent=1))
+        return 0
     rows = [run_setting(label, overrides, args) for label, overrides in settings(args.small)]
     cost = observing_cost(args)
     if args.csv:
@@ -174,14 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             writer.writerows(rows)
     if args.plot:
         plot(rows, args.plot)
-    import jax
-
     print(json.dumps({"rows": rows, "observing_cost": cost,
-                      "config": base_config(args), **device_record(),
-                      "compile_cache": cache, "jax": jax.__version__,
-                      "fedjax_sim": fs.__version__, "python": platform.python_version(),
-                      "cpu": platform.processor() or platform.machine(),
-                      "date": time.strftime("%Y-%m-%d")}, indent=1))
+                      "config": base_config(args), **record}, indent=1))
     return 0
 
 

@@ -134,6 +134,16 @@ def test_the_malicious_client_installs_its_imprint_and_reads_the_next_round(tmp_
     # The attacker was sampled in round 1 and had never been sampled before.
     _, rounds_key = run_keys(exp.key)
     assert plan.attacker in cohort_ids(exp.sampler, rounds_key, 0)
+    # A server that drops uploads above a norm drops the boosted one: nothing installed,
+    # nothing read, no inf or NaN in the row.
+    guarded = str(tmp_path / "guarded")
+    fs.run_experiment(fs.make_config(dict(DIGITS, hidden=(32, 16), weighting="uniform",
+                                          malicious_client_round=1, malicious_bins=8,
+                                          rounds=2, norm_bound=10.0)),
+                      output_dir=guarded, progress=False)
+    row = _rows(guarded)[1]
+    assert row["leak_mclient_installed"] is False and row["leak_mclient_recovered"] == 0.0
+    assert np.isfinite(row["leak_mclient_install_error"])
 
 
 @pytest.mark.parametrize("overrides, field", [

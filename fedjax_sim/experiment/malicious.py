@@ -9,7 +9,12 @@ Two options of the ``[leakage]`` section put an active attacker into the run:
 * ``malicious_client_round`` (1-based): a client sampled in that round for the first
   time sends a model-replacement update that installs an imprint in the global model
   (:mod:`fedjax_sim.attacks.malicious_client`), then reads the next round's honest
-  clients' examples off two consecutive global models.
+  clients' examples off two consecutive global models (it is assumed to receive both, as
+  a client that downloads the published model does). Whenever it is sampled later it
+  sends zeros while its imprint holds and installs it again when training has worn it
+  off. The run is float32 throughout, where the lab's reference runs the two rounds in
+  float64: the read-off differences two float32 models, which costs precision when the
+  imprint's weights are large (:data:`LIVE_GAIN`).
 
 Both attackers' bins are set from ``imprint_public`` held-out examples (the attacker's
 auxiliary data from the same domain). Both are scored with the honest server's metrics
