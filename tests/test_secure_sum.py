@@ -145,8 +145,16 @@ def test_the_server_view_hides_uploads_behind_secure_aggregation():
     plain = _round(S.weighted_mean(), server_view=True)
     assert secure.hides_clients and secure.streaming
     assert not plain.hides_clients and not plain.streaming  # it keeps every upload
-    _, _, out_s = _step(secure)
+    _, state_s, out_s = _step(secure)
     _, _, out_p = _step(plain)
+    # Asking for the server's view changes no model: the same round without it.
+    _, state_u, out_u = _step(_round(secure_sum(_settings(), key=jax.random.key(3))))
+    assert out_u.server_view is None
+    for x, y in zip(jax.tree.leaves((state_s.params, state_s.aggregator)),
+                    jax.tree.leaves((state_u.params, state_u.aggregator))):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert out_s.server_view.uploads is None
     assert int(out_s.server_view.count) == 10
     uploads = out_p.server_view.uploads
