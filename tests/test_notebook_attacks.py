@@ -10,4 +10,6 @@ def test_privacy_attacks_notebook_executes(monkeypatch):
     text, images = execute_notebook("03_privacy_attacks.ipynb", monkeypatch)
     assert "SMALL=True" in text
     assert "secure aggregation" in text
-    assert images >= 5
+    assert "malicious server, round 1: recovered" in text
+    assert "malicious client, round 3: recovered" in text
+    assert images >= 7
