@@ -1,4 +1,4 @@
-"""What an honest-but-curious server keeps of a round: some clients' uploads, as sent.
+"""What a server keeps of a round: some clients' uploads as sent, or the aggregate.
 
 :func:`victim_capture` is a round observer (:class:`~fedjax_sim.Observer`) that, in chosen
 rounds, keeps the uploads of the first ``num_victims`` sampled clients exactly as they
@@ -13,6 +13,10 @@ Behind secure aggregation the server sees only the sum; there the runner asks th
 for its :class:`~fedjax_sim.rounds.ServerView` instead and this observer is not used.
 
 It changes nothing: it takes no keys and only reads (same seed, same model; tested).
+
+:func:`aggregate_capture` hands the round's aggregate itself to the host: what a
+malicious server reads its spy rounds off (:mod:`fedjax_sim.attacks.malicious_server`),
+with or without secure aggregation.
 """
 
 from __future__ import annotations
