@@ -274,9 +274,9 @@ class LeakageConfig(_Section):
     imprint_bins: int = option(64, "bins of the malicious server's imprint (units of the "
                                "first hidden layer)", low=2, high=2**20)
     malicious_client_round: int | None = option(
-        None, "round (1-based) in which a malicious client first sampled then installs an "
-        "imprint by model replacement, reading the next round's clients off two global "
-        "models; automatic: none", low=1, high=10**8)
+        None, "round (1-based) in which a malicious client, sampled for the first time, "
+        "installs an imprint by model replacement and reads the next round's clients off "
+        "two global models; automatic: none", low=1, high=10**8)
     malicious_bins: int = option(16, "bins of the malicious client's imprint", low=2,
                                  high=2**20)
     imprint_public: int = option(256, "held-out examples the active attackers set their "
