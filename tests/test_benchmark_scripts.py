@@ -13,15 +13,14 @@ import sys
 
 import pytest
 
-from conftest import xla_flags
+from conftest import FAST_COMPILE, xla_flags
 
 SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
 
 
 def _run(script, *args, devices=None):
-    env = dict(os.environ)
-    if devices is not None:
-        env["XLA_FLAGS"] = xla_flags(f"--xla_force_host_platform_device_count={devices}")
+    flags = [] if devices is None else [f"--xla_force_host_platform_device_count={devices}"]
+    env = dict(os.environ, XLA_FLAGS=xla_flags(FAST_COMPILE, *flags))
     proc = subprocess.run([sys.executable, str(SCRIPTS / script), *args], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -24,6 +24,8 @@ import pytest
 import fedjax_sim as fs
 from fedjax_sim.experiment.cli import main
 
+from conftest import FAST_COMPILE, xla_flags
+
 ROUNDS = 40
 ARGS = ["run", "--no-progress", "--data", "synthetic", "--num-clients", "300",
         "--max-examples", "16", "--eval-clients", "20", "--algorithm", "scaffold",
@@ -31,6 +33,7 @@ ARGS = ["run", "--no-progress", "--data", "synthetic", "--num-clients", "300",
         "--aggregator", "dp_fedavg", "--clip-norm", "0.5", "--noise-multiplier", "1.0",
         "--rounds", str(ROUNDS), "--checkpoint-every", "3"]
 TIMING = ("seconds", "client_updates_per_s")
+ENV = dict(os.environ, XLA_FLAGS=xla_flags(FAST_COMPILE))  # every run compiles alike
 
 # Runs the CLI with orbax's array writer patched to SIGKILL the process on its
 # KILL_AT-th call, after the state's arrays are written into the checkpoint's temporary
@@ -91,14 +94,14 @@ def reference(tmp_path_factory):
     """The uninterrupted run."""
     folder = str(tmp_path_factory.mktemp("reference") / "run")
     proc = subprocess.run(_cli("--output", folder), capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return folder
 
 
 def _resume(folder):
     proc = subprocess.run(_cli("--resume", folder), capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
 
@@ -110,7 +113,7 @@ def test_killed_mid_run_and_during_a_save_then_resumed_is_bit_identical(referenc
     # 1. SIGKILL by PID in the middle of the run, once 8 rows are written (the checkpoints
     #    of rounds 3 and 6 are complete; the rows after the newest one must be cut back).
     proc = subprocess.Popen(_cli("--output", folder), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, env=ENV)
     metrics = os.path.join(folder, "metrics.jsonl")
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
@@ -126,7 +129,7 @@ def test_killed_mid_run_and_during_a_save_then_resumed_is_bit_identical(referenc
     # 2. Resumed, and killed again inside its 2nd save: after the state's arrays are
     #    written into orbax's temporary folder, before the save is committed.
     proc = subprocess.run([sys.executable, "-c", DIE_DURING_SAVE, "2", *ARGS, "--resume",
-                           folder], capture_output=True, text=True, timeout=600)
+                           folder], capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     checkpoints = os.listdir(os.path.join(folder, "checkpoints"))
     assert any("tmp" in name for name in checkpoints), checkpoints  # the torn save

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from conftest import xla_flags
+from conftest import FAST_COMPILE, xla_flags
 
 SCRIPT = textwrap.dedent("""
     import json
@@ -69,7 +69,8 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_sharded_round_equals_single_device():
-    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"),
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4",
+                                               FAST_COMPILE),
                JAX_PLATFORMS="cpu")
     # Every compilation must reach the backend to be counted: no persistent cache here.
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
