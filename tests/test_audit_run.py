@@ -45,7 +45,7 @@ def test_canary_clients_send_their_direction_and_stay_out_of_the_training_metric
     cid = int(sampled[is_canary][0])
     j = int(canaries.inserted_index[np.searchsorted(canaries.client_ids, cid)])
     data = jax.tree.map(lambda a: a[0], pop.cohort_data(jnp.asarray([cid])))
-    res = exp.algorithm.client.update(state.params, data, jax.random.key(1), ())
+    res = jax.jit(exp.algorithm.client.update)(state.params, data, jax.random.key(1), ())
     flat = np.asarray(ravel_pytree(res.upload)[0])
     want = 0.5 * np.asarray(canary_direction(canaries.key, j, flat.size))
     np.testing.assert_allclose(flat, want, rtol=1e-5, atol=1e-8)
