@@ -176,6 +176,35 @@ def save_grid(path: str, pairs: dict[str, tuple[np.ndarray, np.ndarray]], image:
     return save_reconstruction_grid(path, rows, title=title)
 
 
+@jax.jit
+def _gather(population, ids):
+    return population.cohort_data(ids)
+
+
+def cohort_truth(population: Any, ids: np.ndarray) -> Truth:
+    """The real examples of the clients ``ids`` (simulator ground truth, for scoring
+    only), one row per id. ``ids`` is a fixed-length array per run, ``-1`` allowed: the
+    gather compiles once, whoever was sampled."""
+    safe = jax.numpy.asarray(np.maximum(ids, 0), jax.numpy.int32)
+    data = _gather(population, safe)
+    return Truth(np.asarray(data.x), np.asarray(data.y), np.asarray(data.mask, bool))
+
+
+def pooled_truth(truth: Truth, keep: np.ndarray) -> Truth:
+    """The real examples of the rows ``keep`` selects, pooled into one row (what a server
+    that holds only the cohort's sum faces)."""
+    mask = truth.mask & np.asarray(keep, bool)[:, None]
+    return Truth(truth.x[mask][None], truth.y[mask][None],
+                 np.ones((1, int(mask.sum())), bool))
+
+
+def is_canary(canary_ids: Any, ids: np.ndarray) -> np.ndarray:
+    """Which ``ids`` are auditing canaries (their uploads carry no data to score)."""
+    if canary_ids is None:
+        return np.zeros(np.shape(ids), bool)
+    return np.isin(ids, canary_ids)
+
+
 class LeakageReporter(Reporter):
     """The honest-but-curious server's attacks in the observed rounds (module docstring).
 
@@ -199,25 +228,11 @@ class LeakageReporter(Reporter):
         self.key = jax.random.fold_in(exp.key, 0x1EA7)
         self.dir = os.path.join(output_dir, LEAKAGE_DIR) if output_dir else None
         self.rows: list[dict[str, float]] = []
-        self._gather = jax.jit(lambda pop, ids: pop.cohort_data(ids))
         self.canary_ids = None if exp.canaries is None else exp.canaries.client_ids
 
     def resume(self, run, rows):
         self.rows = [{k: v for k, v in row.items() if k.startswith("leak_")}
                      for row in rows if row.get("leak_victims") is not None]
-
-    def _canary(self, ids: np.ndarray) -> np.ndarray:
-        """Which ``ids`` are auditing canaries (their uploads carry no data to score)."""
-        if self.canary_ids is None:
-            return np.zeros(ids.shape, bool)
-        return np.isin(ids, self.canary_ids)
-
-    def _truth(self, run, ids: np.ndarray) -> Truth:
-        """The data of ``ids`` (a fixed-length array per run, ``-1`` allowed: the gather
-        compiles once, whoever was sampled)."""
-        safe = jax.numpy.asarray(np.maximum(ids, 0), jax.numpy.int32)
-        data = self._gather(run.experiment.data.population, safe)
-        return Truth(np.asarray(data.x), np.asarray(data.y), np.asarray(data.mask, bool))
 
     def round(self, run, r, state, metrics, row):
         if r not in self.rounds:
@@ -227,19 +242,18 @@ class LeakageReporter(Reporter):
         if self.hides:
             view = out.server_view
             ids = np.asarray(out.client_ids)
-            truth = self._truth(run, ids)
             # The cohort's real examples, canaries' left out (their uploads hold no data).
-            mask = truth.mask & ((ids >= 0) & ~self._canary(ids))[:, None]
-            truth = Truth(truth.x[mask][None], truth.y[mask][None],
-                          np.ones((1, int(mask.sum())), bool))
+            truth = pooled_truth(cohort_truth(run.experiment.data.population, ids),
+                                 (ids >= 0) & ~is_canary(self.canary_ids, ids))
             leak = attack_secure_sum(self.model, params, view.total, int(view.count),
                                      truth, self.attack, probe_x=self.probe)
         else:
             cap = jax.device_get(out.observed[CAPTURE])
             ids = np.asarray(cap.client_ids)
-            truth = self._truth(run, ids)
+            truth = cohort_truth(run.experiment.data.population, ids)
             # A client without examples leaks nothing; a canary's upload holds no data.
-            keep = np.asarray(cap.present, bool) & truth.mask.any(axis=1) & ~self._canary(ids)
+            keep = (np.asarray(cap.present, bool) & truth.mask.any(axis=1)
+                    & ~is_canary(self.canary_ids, ids))
             if not keep.any():
                 row["leak_victims"] = 0
                 return
@@ -269,5 +283,6 @@ class LeakageReporter(Reporter):
                      for k in keys} if self.rows else {}}
 
 
-__all__ = ["LEAKAGE_DIR", "LeakageReporter", "check_leakage", "local_training",
-           "observed_rounds", "requested_attacks", "resolved_attacks", "save_grid"]
+__all__ = ["LEAKAGE_DIR", "LeakageReporter", "check_leakage", "cohort_truth", "is_canary",
+           "local_training", "observed_rounds", "pooled_truth", "requested_attacks",
+           "resolved_attacks", "save_grid"]

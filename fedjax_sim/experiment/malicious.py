@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim._validation import fail
+from fedjax_sim.algorithms import FEDOPT
 from fedjax_sim.algorithms.base import Algorithm
 from fedjax_sim.attacks import imprint as imp
 from fedjax_sim.attacks.capture import AGGREGATE
@@ -44,7 +45,8 @@ from fedjax_sim.attacks.malicious_client import (MaliciousClientConfig,
                                                  imprint_target_params, read_off_next_round,
                                                  replacement_client)
 from fedjax_sim.attacks.malicious_server import Imprint, make_imprint, spy_server
-from fedjax_sim.experiment.leakage import LEAKAGE_DIR, save_grid
+from fedjax_sim.experiment.leakage import (LEAKAGE_DIR, cohort_truth, is_canary,
+                                           pooled_truth, save_grid)
 from fedjax_sim.experiment.reporters import Reporter
 from fedjax_sim.rounds import split_round_key
 
@@ -68,7 +70,6 @@ def imprint_rounds(cfg: Any) -> tuple[int, ...]:
 
 def check_malicious(cfg: Any) -> None:
     """The cross-field rules of the two active attackers (one-line ConfigErrors)."""
-    from fedjax_sim.algorithms import FEDOPT
     from fedjax_sim.experiment.algorithms import resolved_weighting
     from fedjax_sim.experiment.server import privacy_plan
 
@@ -206,8 +207,6 @@ def with_malicious(cfg: Any, algorithm: Algorithm, data: Any, model: Any, sample
                                                                      imprint))
         plan = dataclasses.replace(plan, imprint=imprint)
     if lk.malicious_client_round is not None:
-        from fedjax_sim.algorithms import FEDOPT
-
         t = lk.malicious_client_round - 1
         excluded = np.asarray([] if canary_ids is None else canary_ids, np.int64)
         attacker = first_timer(sampler, rounds_key, t, excluded)
@@ -234,28 +233,21 @@ class MaliciousReporter(Reporter):
         self.shape = tuple(exp.model.example_shape)
         self.image = is_image(self.shape)
         self.dir = os.path.join(output_dir, LEAKAGE_DIR) if output_dir else None
-        self._gather = jax.jit(lambda pop, ids: pop.cohort_data(ids))
         self.canary_ids = None if exp.canaries is None else exp.canaries.client_ids
         self.rows: dict[str, list[dict[str, float]]] = {"imprint": [], "mclient": []}
 
-    def _cohort_examples(self, run, ids: np.ndarray, drop: int | None = None):
+    def _cohort_examples(self, run, ids: np.ndarray, drop: int | None = None) -> Truth:
         """The real examples of ``ids`` (padding, canaries and ``drop`` left out) as one
         :class:`Truth` row."""
-        data = self._gather(run.experiment.data.population,
-                            jnp.asarray(np.maximum(ids, 0), jnp.int32))
-        x, mask = np.asarray(data.x), np.asarray(data.mask, bool)
-        keep = ids >= 0
-        if self.canary_ids is not None:
-            keep &= ~np.isin(ids, self.canary_ids)
+        keep = (ids >= 0) & ~is_canary(self.canary_ids, ids)
         if drop is not None:
             keep &= ids != drop
-        mask = mask & keep[:, None]
-        return Truth(x[mask][None], np.asarray(data.y)[mask][None],
-                     np.ones((1, int(mask.sum())), bool))
+        return pooled_truth(cohort_truth(run.experiment.data.population, ids), keep)
 
     def _score(self, name: str, recon: np.ndarray, truth: Truth, k: int, r: int,
                row: dict, extra: dict) -> None:
         n = int(truth.mask.sum())
+        recon = np.clip(recon, 0.0, 1.0) if self.image else recon
         metrics, pairs = score_reconstructions(name, recon[None], truth, np.asarray([k]),
                                                self.image)
         metrics.update({f"leak_{name}_examples": n, f"leak_{name}_bins": k,
@@ -276,7 +268,6 @@ class MaliciousReporter(Reporter):
             aggregate = jax.device_get(run.output.observed[AGGREGATE])
             truth = self._cohort_examples(run, np.asarray(run.output.client_ids))
             recon = plan.imprint.read_off(aggregate, self.shape)
-            recon = np.clip(recon, 0.0, 1.0) if self.image else recon
             self._score("imprint", recon, truth, plan.imprint.config.num_bins, r, row, {})
         if plan.install_round is not None and r == plan.install_round + 1:
             read = read_off_next_round(run.params_before, state.params, plan.client_config,
@@ -287,7 +278,6 @@ class MaliciousReporter(Reporter):
             recon = read.reconstructions
             if len(recon) == 0:
                 recon = np.full((k,) + self.shape, np.nan)
-            recon = np.clip(recon, 0.0, 1.0) if self.image else recon
             self._score("mclient", recon, truth, k, r, row,
                         {"leak_mclient_installed": bool(read.installed),
                          "leak_mclient_install_error": float(read.install_error)})
@@ -311,10 +301,5 @@ class MaliciousReporter(Reporter):
         summary["malicious"] = block
 
 
-def wants_malicious(cfg: Any) -> bool:
-    """The run has an active attacker."""
-    return bool(imprint_rounds(cfg)) or cfg.leakage.malicious_client_round is not None
-
-
 __all__ = ["MaliciousPlan", "MaliciousReporter", "check_malicious", "cohort_ids",
-           "first_timer", "imprint_rounds", "wants_malicious", "with_malicious"]
+           "first_timer", "imprint_rounds", "with_malicious"]
