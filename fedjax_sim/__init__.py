@@ -14,6 +14,7 @@ from fedjax_sim.algorithms import (ALGORITHM_NAMES, Algorithm, ClientProgram, Cl
                                    RoundInfo, ServerProgram, make_algorithm)
 from fedjax_sim.client_update import ClientConfig, epoch_order, make_local_update
 from fedjax_sim.compile_cache import use_compile_cache
+from fedjax_sim.compile_options import one_off_jit, round_compiler_options
 from fedjax_sim.cohort import client_mesh, map_cohort, map_reduce_cohort, mesh_for
 from fedjax_sim.data.federated import ClientData, FederatedData
 from fedjax_sim.evaluation import evaluate_clients, make_central_evaluator
@@ -51,7 +52,8 @@ __all__ = [
     "FixedSizeSampler", "Model", "Observer", "PoissonSampler", "RoundInfo", "RoundOutput",
     "ServerProgram", "ServerState", "ServerView", "client_mesh", "epoch_order", "evaluate_clients",
     "make_algorithm", "make_central_evaluator", "make_local_update", "make_model",
-    "make_round", "map_cohort", "map_reduce_cohort", "mesh_for", "usable_cores",
+    "make_round", "map_cohort", "map_reduce_cohort", "mesh_for", "one_off_jit",
+    "round_compiler_options", "usable_cores",
     "use_compile_cache", "use_every_cpu_core", "algorithms", "data",
     "poisoning", "privacy", "server", *_EXPERIMENT, *_LAZY_MODULES,
 ]

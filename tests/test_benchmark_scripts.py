@@ -153,3 +153,19 @@ def test_bench_secagg_modes_print_consistent_figures():
     assert _close(dme[1]["mse_ratio"], dme[1]["secure_mse"] / dme[1]["central_mse"])
     _check_device_and_cache(dme[1])
     assert _close(dme[1]["central_mse"], 30 * (dme[1]["central_z"] * 10.0) ** 2 / 20 ** 2)
+
+
+@pytest.mark.slow
+def test_bench_compile_memory_records_agree_with_their_phases():
+    (r,) = _run("bench_compile_memory.py", "--cohort", "8", "--processes", "1",
+                "--repeats", "1", "--rounds", "1")
+    assert r["workload"] == "softmax" and r["cohort"] == 8
+    assert r["backend"] == "cpu" and r["device_count"] == 1
+    assert r["compile_cache"] is None  # the children compile cold
+    for v in ("default", "lean"):
+        assert len(r[f"{v}_compile_s"]) == 1 and r[f"{v}_compile_s"][0] > 0
+        phases = r[f"{v}_rss_by_phase_mib"]
+        assert list(phases) == ["imported", "data_and_state", "compiled", "after_rounds"]
+        assert r[f"{v}_peak_rss_mib"][0] >= max(phases.values()) > 0
+    assert _close(r["lean_vs_default_time"], r["lean_round_s"] / r["default_round_s"])
+    assert isinstance(r["params_bit_identical_after_one_round"], bool)

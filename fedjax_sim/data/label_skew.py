@@ -19,7 +19,6 @@ Held-out examples of a client come from an independent key stream with the same
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from fedjax_sim._validation import check_float, check_int
+from fedjax_sim.compile_options import one_off_jit
 from fedjax_sim.data.federated import ClientData
 
 _MODEL, _SIZE, _TRAIN, _TEST = range(4)
@@ -113,7 +113,7 @@ class ProceduralLabelSkew:
         return float(_bayes_accuracy(self, jax.random.key(seed), num_samples))
 
 
-@functools.partial(jax.jit, static_argnums=2)
+@one_off_jit(static_argnums=2)
 def _bayes_accuracy(pop: ProceduralLabelSkew, key: jax.Array, num_samples: int) -> jax.Array:
     k_y, k_x = jax.random.split(key)
     mu = pop.class_means()

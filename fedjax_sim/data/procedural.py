@@ -14,7 +14,6 @@ It implements the population interface of :class:`~fedjax_sim.data.federated.Fed
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -23,6 +22,7 @@ import numpy as np
 from flax import struct
 
 from fedjax_sim._validation import check_choice, check_int, fail
+from fedjax_sim.compile_options import one_off_jit
 from fedjax_sim.data.federated import ClientData, FederatedData, make_federated_data
 from fedjax_sim.data.synthetic import (MAX_CLIENT_ID, SyntheticConfig, SyntheticStreams,
                                        as_key, generate_client, synthetic_streams)
@@ -145,12 +145,12 @@ class ProceduralSynthetic:
                                    num_classes=self.num_classes)
 
 
-@jax.jit
+@one_off_jit
 def _jit_cohort_data(population: ProceduralSynthetic, client_ids: jax.Array) -> ClientData:
     return population.cohort_data(client_ids)
 
 
-@functools.partial(jax.jit, static_argnames="num_examples")
+@one_off_jit(static_argnames="num_examples")
 def _jit_test_data(population: ProceduralSynthetic, client_ids: jax.Array,
                    num_examples: int | None) -> ClientData:
     return population.test_data(client_ids, num_examples=num_examples)

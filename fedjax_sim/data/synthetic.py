@@ -36,7 +36,6 @@ examples, the shared IID model, held-out test examples); a client's key in a str
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -44,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim._validation import check_float, check_int, fail
+from fedjax_sim.compile_options import one_off_jit
 from fedjax_sim.data.federated import make_federated_data
 from fedjax_sim.data.split import FederatedSplit
 
@@ -263,13 +263,13 @@ def _chunk_size(config: SyntheticConfig, num_clients: int,
     return chunk
 
 
-@functools.partial(jax.jit, static_argnames="config")
+@one_off_jit(static_argnames="config")
 def _client_sizes(config: SyntheticConfig, streams: SyntheticStreams,
                   client_ids: jax.Array) -> jax.Array:
     return jax.vmap(lambda i: synthetic_client_size(config, streams, i))(client_ids)
 
 
-@functools.partial(jax.jit, static_argnames="config")
+@one_off_jit(static_argnames="config")
 def _client_examples(config: SyntheticConfig, streams: SyntheticStreams,
                      client_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jax.vmap(lambda i: generate_client(config, streams, i)[:2])(client_ids)

@@ -297,6 +297,10 @@ class EngineConfig(_Section):
     num_devices: int | None = option(None, "devices the cohort is sharded over; automatic: "
                                      "every local device", low=1, high=2**16,
                                      zero_is_auto=True)
+    lean_compile: bool = option(False, "compile the round for memory and compile time "
+                                "(XLA:CPU's elemental emitters: about 130 MB lower peak "
+                                "and 10-40% less compile; steady rounds within 5%, the "
+                                "MLP on two devices about 6% slower; the last bits may differ)")
 
 
 @dataclasses.dataclass(frozen=True)

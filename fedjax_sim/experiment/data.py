@@ -22,11 +22,11 @@ import collections
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim._validation import check_fits, fail
+from fedjax_sim.compile_options import one_off_jit
 from fedjax_sim.data.federated import ClientData, FederatedData, padded_bytes
 from fedjax_sim.experiment.registry import Entry, Registry
 
@@ -63,7 +63,7 @@ def _procedural_test(pop: Any, d: Any, seed: int) -> ClientData:
     n_eval = min(d.eval_clients, d.num_clients)
     rng = np.random.default_rng(seed + 1)
     eval_ids = np.sort(rng.choice(d.num_clients, n_eval, replace=False))
-    return jax.jit(pop.test_data)(jnp.asarray(eval_ids, jnp.int32))
+    return one_off_jit(pop.test_data)(jnp.asarray(eval_ids, jnp.int32))
 
 
 GENERATED_DIM, GENERATED_CLASSES = 60, 10

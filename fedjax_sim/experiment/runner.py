@@ -38,6 +38,7 @@ from typing import Any, Callable
 import jax
 
 from fedjax_sim._validation import fail
+from fedjax_sim.compile_options import round_compiler_options
 from fedjax_sim.experiment.assemble import Experiment, assemble, run_keys
 from fedjax_sim.experiment.checkpoint import RunCheckpoints, config_differences, save_params
 from fedjax_sim.experiment.audit import AuditReporter
@@ -166,7 +167,8 @@ def run_experiment(cfg: ExperimentConfig, *, output_dir: str | None = None,
         rows = truncate_rows(os.path.join(out, METRICS), meta["rounds"])
     pop = exp.data.population
     t0 = time.perf_counter()
-    step = exp.round.step.lower(state, pop, jax.random.fold_in(rounds_key, 0)).compile()
+    step = exp.round.step.lower(state, pop, jax.random.fold_in(rounds_key, 0)).compile(
+        round_compiler_options(cfg.engine.lean_compile) or None)
     run = Run(exp, compile_seconds=time.perf_counter() - t0,
               round_seconds=[float(row["seconds"]) for row in rows])
 
