@@ -7,12 +7,12 @@ Two kinds of program run here, and they want different things from the compiler:
   them, or with ``lean=True`` (``[engine] lean_compile``, ``--lean-compile``) the
   elemental emitters (``xla_cpu_use_fusion_emitters=False``). Measured on 2 CPU cores
   (BENCHMARKS.md, "Compile time, the compile cache and memory"), the lean round compiles
-  10-40% faster and its compile peaks about 130 MB lower: a cohort-1,000 softmax round's
-  peak RSS falls from 451 to 348 MiB. Steady rounds stay within 5% of the default, except
-  the MLP on two devices, about 6% slower (1.01-1.09x in six interleaved runs). Its results may differ from the default
-  compile in the last bits (the elemental emitters compute some transcendental functions,
-  e.g. ``erf_inv`` in Gaussian draws, with different roundings). So lean is not the
-  default.
+  13-25% faster and its process peaks 100-180 MiB lower: a cohort-1,000 softmax round's
+  peak RSS falls from 451 to 348 MiB. Steady rounds take 0.94-1.06x the default's time; the
+  worst case is the MLP on two devices, about 6% slower (1.01-1.09x in six runs). Results
+  may differ from the default compile in the last bits: the elemental emitters round
+  some transcendental functions differently (the generated data's Gaussian draws
+  differed in 18% of their values, by at most 4.8e-7). So lean is not the default.
 * **One-off programs** (held-out data generated once, the Bayes accuracy estimate, a
   population materialised on the host) run once. :func:`one_off_jit` compiles them at
   LLVM ``-O2`` on CPU (:data:`ONE_OFF_CPU_OPTIONS`). At ``-O3`` LLVM spends seconds on

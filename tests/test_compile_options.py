@@ -2,7 +2,8 @@
 
 One-off programs (held-out data, the Bayes estimate, host-side materialisation) compile
 at LLVM -O2 on CPU; the claim that makes this safe is that the optimisation level changes
-no bit of what they compute, checked here against -O3. The lean round (XLA:CPU's
+no bit of what they compute, checked here against -O3 on the generator they all share
+(its Gaussian draws, label sampling and Dirichlet mix). The lean round (XLA:CPU's
 elemental emitters) may round differently, so it is checked against the default compile
 within float32 tolerance, through the whole experiment runner.
 """
@@ -14,7 +15,7 @@ import pytest
 
 import fedjax_sim as fs
 from fedjax_sim import compile_options as co
-from fedjax_sim.data.label_skew import _bayes_accuracy, procedural_label_skew
+from fedjax_sim.data.label_skew import procedural_label_skew
 
 
 def _compiled(fn, args, options, **jit_kwargs):
@@ -31,15 +32,6 @@ def test_one_off_level_changes_no_bit_of_generated_data():
     slow = _compiled(pop.test_data, (ids,), o3)
     for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(slow)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    bayes = _bayes_accuracy.__wrapped__
-    args = (pop, jax.random.key(2))
-    fast = jax.jit(bayes, static_argnums=2).lower(*args, 2000).compile(
-        compiler_options=co.ONE_OFF_CPU_OPTIONS)(*args)
-    slow = jax.jit(bayes, static_argnums=2).lower(*args, 2000).compile(
-        compiler_options=o3)(*args)
-    assert float(fast) == float(slow)
-    # The wrapped program is the same function: its value equals an eager estimate.
-    assert float(_bayes_accuracy(pop, jax.random.key(2), 2000)) == float(slow)
 
 
 def test_one_off_options_follow_backend_and_an_explicit_level(monkeypatch):
