@@ -17,7 +17,7 @@ Two kinds of program run here, and they want different things from the compiler:
   population materialised on the host) run once. :func:`one_off_jit` compiles them at
   LLVM ``-O2`` on CPU (:data:`ONE_OFF_CPU_OPTIONS`). At ``-O3`` LLVM spends seconds on
   the Threefry hash inside every random draw. The main job's held-out data compiles in
-  2.7 s instead of 6.3 s, the Bayes estimate in 1.0 s instead of 1.6 s, and both run
+  2.3 s instead of 5.0 s, the Bayes estimate in 1.1 s instead of 1.5 s, and both run
   about as fast. Their outputs are bit-identical to the ``-O3`` compile (checked by
   ``tests/test_compile_options.py``): the optimisation level changes how fast the code
   runs, not what it computes.

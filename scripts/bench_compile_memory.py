@@ -11,7 +11,7 @@ For one workload (``bench_throughput``'s population and FedAvg) and cohort:
   measured under one machine load; the params after one round are compared bit for bit.
 
 Prints one JSON record. ``--workload main`` uses the main job's configuration (the
-procedural label-skew population) instead.
+procedural label-skew population and its own cohort; ``--cohort`` does not apply).
 
 Usage: python scripts/bench_compile_memory.py [--workload softmax|mlp|cnn|main]
        [--cohort 1000] [--processes 2] [--repeats 15] [--devices]
@@ -136,7 +136,9 @@ def main():
             if out.returncode:
                 sys.exit(f"error: the {v} child failed: {out.stderr.strip()[-2000:]}")
             runs[v].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    record = {"workload": args.workload, "cohort": args.cohort, "rounds": args.rounds,
+    cohort = (fs.make_config({}).sampling.cohort_size if args.workload == "main"
+              else args.cohort)
+    record = {"workload": args.workload, "cohort": cohort, "rounds": args.rounds,
               **{f"{v}_compile_s": [r["compile_s"] for r in runs[v]] for v in VARIANTS},
               **{f"{v}_peak_rss_mib": [r["peak_rss_mib"] for r in runs[v]] for v in VARIANTS},
               **{f"{v}_rss_by_phase_mib": runs[v][0]["rss_mib"] for v in VARIANTS},
