@@ -14,7 +14,7 @@ Two kinds of program run here, and they want different things from the compiler:
   some transcendental functions differently (the generated data's Gaussian draws
   differed in 18% of their values, by at most 4.8e-7). So lean is not the default.
 * **One-off programs** (held-out data generated once, the Bayes accuracy estimate, a
-  population materialised on the host) run once. :func:`one_off_jit` compiles them at
+  population materialised on the host, a run's initial params) run once. :func:`one_off_jit` compiles them at
   LLVM ``-O2`` on CPU (:data:`ONE_OFF_CPU_OPTIONS`). At ``-O3`` LLVM spends seconds on
   the Threefry hash inside every random draw. The main job's held-out data compiles in
   2.3 s instead of 5.0 s, the Bayes estimate in 1.1 s instead of 1.5 s, and both run

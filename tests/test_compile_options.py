@@ -85,3 +85,16 @@ def test_a_lean_run_trains_like_the_default(tmp_path):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
     assert s1["final"]["test_accuracy"] == pytest.approx(s0["final"]["test_accuracy"],
                                                          abs=2e-3)
+
+
+def test_initial_params_as_one_program_equal_flax_op_by_op_init():
+    """The runner builds its initial params with one one-off program; flax's own init
+    runs op by op. Fusing the initializers into one program must not move a bit."""
+    for name, shape in (("softmax", (12,)), ("cnn", (8, 8, 1))):  # dense and conv inits
+        model = fs.make_model(name, shape, 5, hidden=(7, 6))
+        key = jax.random.key(11)
+        fused = co.one_off_jit(model.init)(key)
+        eager = model.init(key)
+        assert jax.tree.structure(fused) == jax.tree.structure(eager)
+        for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(eager)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

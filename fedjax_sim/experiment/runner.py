@@ -38,7 +38,7 @@ from typing import Any, Callable
 import jax
 
 from fedjax_sim._validation import fail
-from fedjax_sim.compile_options import round_compiler_options
+from fedjax_sim.compile_options import one_off_jit, round_compiler_options
 from fedjax_sim.experiment.assemble import Experiment, assemble, run_keys
 from fedjax_sim.experiment.checkpoint import RunCheckpoints, config_differences, save_params
 from fedjax_sim.experiment.audit import AuditReporter
@@ -160,7 +160,9 @@ def run_experiment(cfg: ExperimentConfig, *, output_dir: str | None = None,
         print(f"note: the server chain does not stream ({exp.round.why_stacked}): each "
               "round holds the cohort's uploads at once", file=sys.stderr)
     init_key, rounds_key = run_keys(exp.key)
-    state = exp.round.init(init_key)
+    # One program for the model's initial params instead of flax's op-by-op init (which
+    # compiles each initializer on its own at -O3): the same bits, a second less.
+    state = exp.round.init(init_key, one_off_jit(exp.algorithm.server.init_params)(init_key))
     rows: list[dict[str, Any]] = []
     if cfg.output.resume:
         state, meta = checkpoints.restore(state)
