@@ -14,13 +14,14 @@ Two kinds of program run here, and they want different things from the compiler:
   some transcendental functions differently (the generated data's Gaussian draws
   differed in 18% of their values, by at most 4.8e-7). So lean is not the default.
 * **One-off programs** (held-out data generated once, the Bayes accuracy estimate, a
-  population materialised on the host, a run's initial params) run once. :func:`one_off_jit` compiles them at
-  LLVM ``-O2`` on CPU (:data:`ONE_OFF_CPU_OPTIONS`). At ``-O3`` LLVM spends seconds on
-  the Threefry hash inside every random draw. The main job's held-out data compiles in
-  2.3 s instead of 5.0 s, the Bayes estimate in 1.1 s instead of 1.5 s, and both run
-  about as fast. Their outputs are bit-identical to the ``-O3`` compile (checked by
-  ``tests/test_compile_options.py``): the optimisation level changes how fast the code
-  runs, not what it computes.
+  population materialised on the host, a run's initial params, the leakage reporters'
+  ground truth of a few observed rounds) run once or a few times. :func:`one_off_jit`
+  compiles them at LLVM ``-O2`` on CPU (:data:`ONE_OFF_CPU_OPTIONS`). At ``-O3`` LLVM
+  spends seconds on the Threefry hash inside every random draw. The main job's held-out
+  data compiles in 2.3 s instead of 5.0 s, the Bayes estimate in 1.1 s instead of 1.5 s,
+  and both run about as fast. Their outputs are bit-identical to the ``-O3`` compile
+  (checked by ``tests/test_compile_options.py``): the optimisation level changes how
+  fast the code runs, not what it computes.
 
 An optimisation level given in ``XLA_FLAGS`` (``--xla_backend_optimization_level``)
 wins over the one-off level: the test suite compiles everything at 0.
@@ -38,6 +39,8 @@ import os
 from typing import Any, Callable
 
 import jax
+
+from fedjax_sim._validation import fail
 
 ONE_OFF_CPU_OPTIONS: dict[str, Any] = {"xla_backend_optimization_level": 2}
 """XLA debug options for programs that run once, on CPU: LLVM ``-O2`` instead of ``-O3``."""
@@ -59,7 +62,6 @@ def round_compiler_options(lean: bool = False, *, backend: str | None = None
       backend: default: JAX's default backend.
     """
     if not isinstance(lean, bool):
-        from fedjax_sim._validation import fail
         fail("lean_compile", lean, "must be a bool")
     return dict(LEAN_CPU_OPTIONS) if lean and _on_cpu(backend) else {}
 

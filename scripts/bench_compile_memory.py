@@ -70,7 +70,7 @@ def child(args) -> dict:
     phases["data_and_state"] = rss_mib()[0]
     t0 = time.perf_counter()
     step = fr.step.lower(state, data, jax.random.key(1)).compile(
-        fs.round_compiler_options(args.child == "lean") or None)
+        fs.round_compiler_options(args.child == "lean"))
     compile_s = time.perf_counter() - t0
     phases["compiled"] = rss_mib()[0]
     for r in range(args.rounds):
@@ -87,8 +87,7 @@ def steady(args) -> dict:
     """Both compiles of the same lowered round, timed interleaved in this process."""
     fr, data, state = build(args.workload, args.cohort, args.num_devices)
     lowered = fr.step.lower(state, data, jax.random.key(1))
-    steps = {v: lowered.compile(fs.round_compiler_options(v == "lean") or None)
-             for v in VARIANTS}
+    steps = {v: lowered.compile(fs.round_compiler_options(v == "lean")) for v in VARIANTS}
     params = {v: jax.device_get(s(state, data, jax.random.key(1))[0].params)
               for v, s in steps.items()}
     same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params["default"]),

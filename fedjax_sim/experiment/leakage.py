@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from fedjax_sim._validation import fail
+from fedjax_sim.compile_options import one_off_jit
 from fedjax_sim.attacks.capture import NAME as CAPTURE
 from fedjax_sim.attacks.honest_server import (ATTACKS, HonestServerAttack, Truth,
                                               attack_secure_sum, attack_uploads, is_image,
@@ -176,7 +177,7 @@ def save_grid(path: str, pairs: dict[str, tuple[np.ndarray, np.ndarray]], image:
     return save_reconstruction_grid(path, rows, title=title)
 
 
-@jax.jit
+@one_off_jit  # run in a few observed rounds: compiled for a short compile
 def _gather(population, ids):
     return population.cohort_data(ids)
 

@@ -170,7 +170,7 @@ def run_experiment(cfg: ExperimentConfig, *, output_dir: str | None = None,
     pop = exp.data.population
     t0 = time.perf_counter()
     step = exp.round.step.lower(state, pop, jax.random.fold_in(rounds_key, 0)).compile(
-        round_compiler_options(cfg.engine.lean_compile) or None)
+        round_compiler_options(cfg.engine.lean_compile))
     run = Run(exp, compile_seconds=time.perf_counter() - t0,
               round_seconds=[float(row["seconds"]) for row in rows])
 
