@@ -17,13 +17,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _PARITY = np.uint32(0x1BD11BDA)
 
 
 def _rotl(x: jax.Array, r: int) -> jax.Array:
-    return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+    return lax.bitwise_or(lax.shift_left(x, np.uint32(r)),
+                          lax.shift_right_logical(x, np.uint32(32 - r)))
 
 
 def threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array
@@ -31,15 +33,24 @@ def threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array
     """Threefry-2x32 (20 rounds) of the word pairs ``(x0, x1)`` under the key ``(k0, k1)``.
 
     All arguments are uint32 and broadcast together; returns the two output words.
+    Written with ``lax`` operations: ``jnp``'s operators are small jitted functions, and
+    tracing the 100-odd operations of each hash through them took a second of a round's
+    tracing.
     """
-    ks = (k0, k1, k0 ^ k1 ^ _PARITY)
-    x0, x1 = x0 + ks[0], x1 + ks[1]
+    k0, k1, x0, x1 = (jnp.asarray(a, jnp.uint32) for a in (k0, k1, x0, x1))
+    shape = jnp.broadcast_shapes(k0.shape, k1.shape, x0.shape, x1.shape)
+    k0, k1 = (a if a.shape == shape or a.ndim == 0 else jnp.broadcast_to(a, shape)
+              for a in (k0, k1))
+    x0, x1 = (a if a.shape == shape else jnp.broadcast_to(a, shape) for a in (x0, x1))
+    ks = (k0, k1, lax.bitwise_xor(lax.bitwise_xor(k0, k1), _PARITY))
+    x0 = lax.add(x0, ks[0])
+    x1 = lax.add(x1, ks[1])
     for i in range(5):
         for r in _ROTATIONS[i % 2]:
-            x0 = x0 + x1
-            x1 = _rotl(x1, r) ^ x0
-        x0 = x0 + ks[(i + 1) % 3]
-        x1 = x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+            x0 = lax.add(x0, x1)
+            x1 = lax.bitwise_xor(_rotl(x1, r), x0)
+        x0 = lax.add(x0, ks[(i + 1) % 3])
+        x1 = lax.add(lax.add(x1, ks[(i + 2) % 3]), np.uint32(i + 1))
     return x0, x1
 
 
