@@ -226,6 +226,9 @@ def _map_reduce_local(client_fn, partial_fn, chunk_size, axis_name, message, pop
     def one(cid, key, state):
         return client_fn(message, _one_client_data(population, cid), key, state)
 
+    # Jitted so that the eval_shape below and the scan's body share one trace of the
+    # client program (half of a round's tracing otherwise); XLA inlines the call.
+    @jax.jit
     def chunk_contribution(cid, key, m, state):
         out = jax.vmap(one)(cid, key, state)
         return partial_fn(cohort_updates(out, m, cid)), out._replace(upload=())
