@@ -118,8 +118,9 @@ class ProceduralLabelSkew:
 def _bayes_accuracy(pop: ProceduralLabelSkew, key: jax.Array, num_samples: int) -> jax.Array:
     k_y, k_x = jax.random.split(key)
     mu = pop.class_means()
-    y = jax.random.randint(k_y, (num_samples,), 0, pop.num_classes)
-    x = mu[y] + jax.random.normal(k_x, (num_samples, pop.dim))
+    u = draws.uniform(k_y, (num_samples,)) * pop.num_classes
+    y = jnp.minimum(u.astype(jnp.int32), pop.num_classes - 1)  # float32 may round up to C
+    x = mu[y] + draws.normal(k_x, (num_samples, pop.dim))
     dist = jnp.sum(jnp.square(x[:, None, :] - mu[None]), -1)
     return jnp.mean(jnp.argmin(dist, -1) == y)
 
