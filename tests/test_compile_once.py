@@ -67,6 +67,28 @@ def test_the_round_holds_one_copy_of_the_client_program(streaming):
     assert _dot_count(data, 10, 4, streaming) == whole
 
 
+@pytest.mark.parametrize("streaming", [True, False])
+def test_the_round_traces_the_client_program_once(streaming, monkeypatch):
+    """Chunked (10 clients in chunks of 4), the client program is traced once per round:
+    the streamed reduction's accumulator shapes and its scan body share that trace."""
+    traced = []
+    original = fs.data.FederatedData.cohort_data
+
+    def counting(self, client_ids):
+        traced.append(client_ids.shape)
+        return original(self, client_ids)
+
+    monkeypatch.setattr(fs.data.FederatedData, "cohort_data", counting)
+    data = random_federated(num_clients=12)
+    model = fs.make_model("softmax", (5,), 3)
+    alg = fs.make_algorithm("fedavg", model, client_lr=0.1, local_epochs=1, batch_size=4)
+    fr = fs.make_round(alg, fs.FixedSizeSampler(data.num_clients, 10), chunk_size=4,
+                       streaming=streaming)
+    state = fr.init(jax.random.key(0))
+    fr.step.lower(state, data, jax.random.key(1))
+    assert traced == [(1,)]
+
+
 def test_padding_clients_change_nothing():
     """Chunks padded with inert clients give the same params, metrics and per-client
     outputs as one vmap over the cohort, to float rounding (XLA vectorises another batch
