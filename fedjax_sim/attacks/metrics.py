@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from fedjax_sim._validation import check_float, fail
 
@@ -53,6 +52,8 @@ def match_reconstructions(recon: np.ndarray, truth: np.ndarray) -> tuple[np.ndar
     usable = np.flatnonzero(np.all(np.isfinite(recon.reshape(len(recon), -1)), axis=1))
     if len(usable) == 0 or len(truth) == 0:
         return np.zeros((0,), int), np.zeros((0,), int)
+    from scipy.optimize import linear_sum_assignment  # here: a slow import
+
     ti, ri = linear_sum_assignment(pairwise_mse(recon[usable], truth))
     return ti, usable[ri]
 
