@@ -5,6 +5,7 @@
   experiment layer; the package face reaches it only lazily (PEP 562), and the
   ``python -m fedjax_sim`` entry point is the command line itself.
 * The graph of imports between the package's modules has no cycle.
+* SciPy's slow subpackages are imported inside the functions that use them.
 """
 
 import ast
@@ -85,3 +86,22 @@ def test_no_import_cycle():
         if node not in state:
             visit(node)
     assert cycles == []
+
+
+SLOW_IMPORTS = ("scipy.stats", "scipy.optimize")
+"""Each takes 0.5-1.5 s to import on the benchmark machine: every run, script and
+subprocess would pay it at start. Modules import them inside the functions that use them."""
+
+
+def test_slow_libraries_are_imported_where_they_are_used():
+    offenders = []
+    for name, path in MODULES.items():
+        for node in ast.parse(path.read_text()).body:  # module level only
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                mods = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            offenders += [f"{name}: {m}" for m in mods if m.startswith(SLOW_IMPORTS)]
+    assert offenders == []
