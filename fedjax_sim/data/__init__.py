@@ -1,9 +1,11 @@
 """Federated data: padded populations, procedural populations, partitioners, loaders.
 
 Everything here runs on the host once, except ``cohort_data`` / ``test_data`` of a
-population, which run inside the jitted round.
+population, which run inside the jitted round. A generator written for the round draws
+with :mod:`fedjax_sim.data.draws` (counter-based samplers that compile cheaply).
 """
 
+from fedjax_sim.data import draws
 from fedjax_sim.data.digits import (DIGITS_NUM_CLASSES, digits_federated, digits_train_test,
                                     load_digits_arrays)
 from fedjax_sim.data.federated import (ClientData, FederatedData, Population,
@@ -25,6 +27,7 @@ from fedjax_sim.data.synthetic import (SyntheticClientModel, SyntheticConfig,
 
 __all__ = [
     "ProceduralLabelSkew",
+    "draws",
     "procedural_label_skew",
     "CentralTestSplit",
     "ClientData",
