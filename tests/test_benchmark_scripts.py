@@ -169,3 +169,28 @@ def test_bench_compile_memory_records_agree_with_their_phases():
         assert r[f"{v}_peak_rss_mib"][0] >= max(phases.values()) > 0
     assert _close(r["lean_vs_default_time"], r["lean_round_s"] / r["default_round_s"])
     assert isinstance(r["params_bit_identical_after_one_round"], bool)
+
+
+@pytest.mark.slow
+def test_accelerator_figures_collects_each_steps_records_within_its_budget(tmp_path):
+    out = tmp_path / "figures"
+    (summary,) = _run("accelerator_figures.py", "--out", str(out), "--quick", "--only",
+                      "million_softmax_c10k")
+    (step,) = summary["steps"]
+    assert step["status"] == "done" and step["records"] == 1
+    (record,) = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert record["step"] == "million_softmax_c10k" and record["client_updates"] == 64
+    assert _close(record["client_updates_per_s"], 64 / record["total_seconds"])
+    _check_device_and_cache(record)
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+    # A budget that ends during the first step stops it and skips the rest.
+    (summary,) = _run("accelerator_figures.py", "--out", str(tmp_path / "short"), "--quick",
+                      "--budget-s", "2", "--only", "throughput_softmax",
+                      "million_softmax_c10k")
+    assert [s["status"] for s in summary["steps"]] == ["stopped at the budget",
+                                                       "skipped: budget spent"]
+    # An existing records file is never appended to.
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "accelerator_figures.py"), "--out",
+                           str(out), "--quick"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "records.jsonl" in proc.stderr.splitlines()[-1]
