@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from fedjax_sim._validation import ConfigError
 from fedjax_sim.data import draws
 
 N = 40_000
@@ -49,8 +50,16 @@ def test_log_gamma_gives_nan_for_impossible_shapes_and_stops():
     alpha = jnp.array([0.5, 0.0, -1.0, jnp.nan, jnp.inf, 2.0], jnp.float32)
     x = np.asarray(jax.jit(draws.log_gamma)(jax.random.key(4), alpha))
     assert np.isfinite(x[[0, 5]]).all() and np.isnan(x[1:5]).all()
-    with pytest.raises(ValueError, match="one-dimensional"):
+    with pytest.raises(ConfigError, match="alpha.shape"):
         draws.log_gamma(jax.random.key(4), jnp.ones((2, 2)))
+
+
+@pytest.mark.parametrize("shape, field", [((3, -1), "shape.1."), ([3], "shape"),
+                                          ((2.5,), "shape.0."), ((1 << 20, 1 << 14), "shape")])
+def test_bad_shapes_name_the_field(shape, field):
+    for sampler in (draws.uniform, draws.normal):
+        with pytest.raises(ConfigError, match=field):
+            sampler(jax.random.key(0), shape)
 
 
 def test_dirichlet_moments_match_the_closed_form():

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim._threefry import key_words, threefry2x32
+from fedjax_sim._validation import check_int, fail
 
 __all__ = ["dirichlet", "log_gamma", "normal", "uniform"]
 
@@ -61,7 +62,15 @@ def _words(k0: jax.Array, k1: jax.Array, n: int) -> jax.Array:
 
 
 def _size(shape: tuple[int, ...]) -> int:
-    return int(np.prod(shape, dtype=np.int64))
+    """Entries of a static ``shape`` (a tuple of non-negative ints), validated."""
+    if not isinstance(shape, tuple):
+        fail("shape", shape, "must be a tuple of non-negative ints")
+    for i, dim in enumerate(shape):
+        check_int(f"shape[{i}]", dim, min_value=0)
+    size = int(np.prod(shape, dtype=np.int64))
+    if size > 2 ** 33:  # two words per counter, 32-bit counters
+        fail("shape", shape, "must have at most 2^33 entries")
+    return size
 
 
 def uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -70,18 +79,20 @@ def uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     In row-major order the first ``m`` values are the same for every ``shape`` with at
     least ``m`` entries (so are :func:`normal`'s).
     """
+    size = _size(shape)
     words = key_words(key)
     if words is None:
         return jax.random.uniform(key, shape, _F32, minval=2.0 ** -24, maxval=1.0)
-    return _unit(_words(*words, _size(shape))).reshape(shape)
+    return _unit(_words(*words, size)).reshape(shape)
 
 
 def normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """float32 standard normals of ``shape`` (see the module docstring)."""
+    size = _size(shape)
     words = key_words(key)
     if words is None:
         return jax.random.normal(key, shape, _F32)
-    return _normal_of(_words(*words, _size(shape))).reshape(shape)
+    return _normal_of(_words(*words, size)).reshape(shape)
 
 
 def log_gamma(key: jax.Array, alpha: jax.Array) -> jax.Array:
@@ -97,7 +108,7 @@ def log_gamma(key: jax.Array, alpha: jax.Array) -> jax.Array:
     """
     alpha = jnp.asarray(alpha, _F32)
     if alpha.ndim != 1:
-        raise ValueError(f"log_gamma: alpha must be one-dimensional, got shape {alpha.shape}")
+        fail("alpha.shape", alpha.shape, "must be one-dimensional")
     words = key_words(key)
     if words is None:
         return jax.random.loggamma(key, alpha, _F32)
