@@ -162,7 +162,7 @@ def _client_draw(config: SyntheticConfig, streams: SyntheticStreams,
     """
     d, c = config.dim, config.num_classes
     return draws.normal(jax.random.fold_in(streams.client, client_id),
-                             (3 + d * c + c + d,))
+                        (3 + d * c + c + d,))
 
 
 def _model_from_draw(config: SyntheticConfig, streams: SyntheticStreams,
