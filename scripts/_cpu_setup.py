@@ -1,4 +1,5 @@
-"""Set-up shared by the scripts: CPU cores and devices, the compile cache, the device record.
+"""Set-up shared by the scripts: CPU cores and devices, the compile cache, the device record
+and the process's resident memory (:func:`peak_rss_mib`, :func:`current_rss_mib`).
 
 CPU pinning and devices (:func:`configure_cpu`) must run before JAX starts its backends;
 the persistent compilation cache (:func:`compile_cache`) before the first compilation.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 
 import fedjax_sim as fs
@@ -71,3 +73,14 @@ def device_record() -> dict:
 
     return {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
             "device_count": jax.device_count()}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux: ``ru_maxrss`` is KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mib() -> float:
+    """Resident memory of this process now, in MiB (Linux: ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

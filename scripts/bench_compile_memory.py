@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
-from _cpu_setup import configure_cpu, device_record
+from _cpu_setup import configure_cpu, current_rss_mib, device_record, peak_rss_mib
 
 if __name__ == "__main__":  # --devices acts before JAX starts its backends
     configure_cpu(sys.argv)
@@ -40,13 +38,6 @@ import fedjax_sim as fs
 from bench_throughput import EXAMPLE_SHAPES, make_population, make_workload_model
 
 VARIANTS = ("default", "lean")
-
-
-def rss_mib() -> tuple[float, float]:
-    """(current, peak) resident memory of this process in MiB (Linux)."""
-    with open("/proc/self/statm") as f:
-        current = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    return current, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def build(workload: str, cohort: int, devices: int | None):
@@ -64,23 +55,23 @@ def build(workload: str, cohort: int, devices: int | None):
 def child(args) -> dict:
     """One fresh process: memory by phase and the cold compile of one variant."""
     fs.use_compile_cache(False)
-    phases = {"imported": rss_mib()[0]}
+    phases = {"imported": current_rss_mib()}
     fr, data, state = build(args.workload, args.cohort, args.num_devices)
     jax.block_until_ready(state)
-    phases["data_and_state"] = rss_mib()[0]
+    phases["data_and_state"] = current_rss_mib()
     t0 = time.perf_counter()
     step = fr.step.lower(state, data, jax.random.key(1)).compile(
         fs.round_compiler_options(args.child == "lean"))
     compile_s = time.perf_counter() - t0
-    phases["compiled"] = rss_mib()[0]
+    phases["compiled"] = current_rss_mib()
     for r in range(args.rounds):
         state, out = step(state, data, jax.random.key(r))
     jax.block_until_ready(out.metrics)
-    phases["after_rounds"] = rss_mib()[0]
+    phases["after_rounds"] = current_rss_mib()
     # getrusage's peak is sampled by the kernel and can trail /proc's current count by a
     # few hundred KiB; the peak is at least every value read.
     return {"variant": args.child, "compile_s": compile_s, "rss_mib": phases,
-            "peak_rss_mib": max(rss_mib()[1], *phases.values())}
+            "peak_rss_mib": max(peak_rss_mib(), *phases.values())}
 
 
 def steady(args) -> dict:

@@ -28,17 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import time
 
 import jax
 
 import fedjax_sim as fs
-from _cpu_setup import add_compile_cache_flag, compile_cache, device_record
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+from _cpu_setup import add_compile_cache_flag, compile_cache, device_record, peak_rss_mib
 
 
 def main(argv: list[str] | None = None) -> None:
