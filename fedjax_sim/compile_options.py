@@ -17,9 +17,10 @@ Two kinds of program run here, and they want different things from the compiler:
   population materialised on the host, a run's initial params, the leakage reporters'
   ground truth of a few observed rounds) run once or a few times. :func:`one_off_jit`
   compiles them at LLVM ``-O2`` on CPU (:data:`ONE_OFF_CPU_OPTIONS`). At ``-O3`` LLVM
-  spends seconds on the Threefry hash inside every random draw. The main job's held-out
-  data compiles in 2.3 s instead of 5.0 s, the Bayes estimate in 1.1 s instead of 1.5 s,
-  and both run about as fast. Their outputs are bit-identical to the ``-O3`` compile
+  spends seconds on the Threefry hash inside every ``jax.random`` draw. With
+  ``jax.random``'s draws the main job's held-out data compiled in 2.3 s instead of 5.0 s
+  and the Bayes estimate in 1.1 s instead of 1.5 s, both running about as fast (the
+  generators now draw with :mod:`fedjax_sim.data.draws`, cheaper at either level). Their outputs are bit-identical to the ``-O3`` compile
   (checked by ``tests/test_compile_options.py``): the optimisation level changes how
   fast the code runs, not what it computes.
 
